@@ -1,0 +1,58 @@
+"""Backends: the tensor maths behind the shared block-diffusion loop (dgrun.backends).
+
+A backend is anything with the methods of `Backend`. The loop in `dgrun.generate` holds no tensor maths:
+it calls these, reads one "done" flag per step and the finished canvas once per block.
+"""
+
+from __future__ import annotations
+
+import platform
+from typing import Any, Protocol, Sequence
+
+from dgrun.errors import DgrunError
+
+BACKENDS = ("cpu",)
+
+
+class Backend(Protocol):
+    name: str
+
+    def new_cache(self) -> Any:
+        """An empty KV cache for this backend."""
+
+    def encode(self, ids: Sequence[int], cache: Any) -> None:
+        """Commit tokens: run the causal encoder over them and append their K/V to the cache."""
+
+    def denoise(self, canvas: Any, cache: Any, self_cond_logits: Any = None) -> Any:
+        """One bidirectional decoder pass over a canvas: softcapped float32 logits (canvas_length, vocab)."""
+
+    def rng(self, seed: int) -> Any:
+        """A seeded random generator on the backend's device."""
+
+    def start_block(self, rng: Any, sampler: Any) -> Any:
+        """A new block's fixed-shape step state, starting from a uniform-random canvas."""
+
+    def step(self, state: Any, cache: Any, temperature: float, sampler: Any, rng: Any) -> Any:
+        """One whole denoising step, sampler included, on device: returns the next state."""
+
+    def done(self, state: Any) -> bool:
+        """The stable-and-confident flag: the loop's one host read per step."""
+
+    def tolist(self, ids: Any) -> list[int]:
+        """Token ids on the host."""
+
+
+def pick(name: str) -> str:
+    """Resolve "auto" to a backend name."""
+    if name == "auto":
+        return "cpu"  # the mlx and cuda backends arrive with their own issues
+    if name not in BACKENDS:
+        raise DgrunError(f"unknown backend {name!r} (available on {platform.machine()}: {', '.join(BACKENDS)})")
+    return name
+
+
+def create(name: str, args, weights: dict, dtype: str | None = None) -> Backend:
+    name = pick(name)
+    from dgrun.backends.cpu import CpuBackend
+
+    return CpuBackend(args, weights, dtype=dtype or "float32")

@@ -1,0 +1,63 @@
+"""The entropy-bound sampler step in torch, shared by the torch backends (cpu now, cuda next).
+
+Follows transformers' `_denoising_step`, `EntropyBoundSampler` and `StableAndConfidentStoppingCriteria`,
+with the same random draws in the same order (multinomial, then the renoise canvas), so a seed reproduces
+the reference. Every tensor has a fixed shape and nothing reads back to the host: a CUDA graph can hold it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(slots=True)
+class StepState:
+    canvas: torch.Tensor  # (1, C) int64: the next decoder input
+    argmax: torch.Tensor  # (1, C) int64: the draft, committed when the block ends
+    sc_logits: torch.Tensor | None  # (C, V) processed logits of the last step, None on the first
+    history: torch.Tensor  # (stability_threshold, 1, C) int64: the last argmax canvases
+    done: torch.Tensor  # () bool
+
+
+def start_block(vocab: int, canvas_length: int, stability_threshold: int, rng: torch.Generator) -> StepState:
+    canvas = torch.randint(0, vocab, (1, canvas_length), generator=rng, device=rng.device)
+    history = torch.full((stability_threshold, 1, canvas_length), -1, dtype=torch.int64, device=rng.device)
+    return StepState(canvas, canvas, None, history, torch.zeros((), dtype=torch.bool, device=rng.device))
+
+
+def token_entropy(processed: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """Entropy per position of softmax(processed), reusing probs: one pass instead of Categorical's two."""
+    log_probs = processed - processed.logsumexp(-1, keepdim=True)
+    return -(log_probs * probs).sum(-1)
+
+
+def accept_mask(entropy: torch.Tensor, entropy_bound: float) -> torch.Tensor:
+    """Accept the k lowest-entropy positions while sum(entropy) - the largest of them <= entropy_bound."""
+    sorted_entropy, order = torch.sort(entropy, dim=-1)
+    selected = sorted_entropy.cumsum(-1) - sorted_entropy <= entropy_bound
+    return torch.zeros_like(selected).scatter(-1, order, selected)
+
+
+def sampler_step(state: StepState, logits: torch.Tensor, temperature: torch.Tensor, entropy_bound: float,
+                 confidence_threshold: float, rng: torch.Generator) -> StepState:
+    """Temperature, multinomial draw, entropy-bound acceptance, uniform renoise, stable-and-confident stop."""
+    vocab = logits.shape[-1]
+    processed = logits / temperature  # (C, V) float32
+    probs = torch.softmax(processed, dim=-1, dtype=torch.float32)
+    sampled = torch.multinomial(probs, num_samples=1, generator=rng).view(1, -1)
+    argmax = processed.argmax(-1).view(1, -1)
+    entropy = token_entropy(processed, probs).view(1, -1)
+    accepted = accept_mask(entropy, entropy_bound)
+    noise = torch.randint(0, vocab, tuple(state.canvas.shape), generator=rng, device=rng.device)
+    canvas = torch.where(accepted, sampled, noise)  # accepted tokens keep the draw, the rest are renoised
+
+    history = state.history
+    if history.shape[0] == 0:
+        stable = torch.ones((), dtype=torch.bool, device=logits.device)
+    else:
+        stable = (history == argmax[None]).all()
+        history = torch.cat([history[1:], argmax[None]], dim=0)
+    confident = entropy.mean() < confidence_threshold
+    return StepState(canvas, argmax, processed, history, stable & confident)

@@ -1,0 +1,78 @@
+"""The Python API: `dgrun.load(path)` returns a `Model`; the CLI is a thin layer over it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from dgrun import checkpoint, tokenizer
+from dgrun.backends import create
+from dgrun.errors import DgrunError
+from dgrun.generate import Block, Draft, SamplerConfig, Stats, stream
+
+
+@dataclass
+class Result:
+    text: str
+    ids: list[int]
+    stats: Stats
+
+
+class Model:
+    """A loaded DiffusionGemma on one backend. Knobs: steps, t_min, t_max, entropy_bound,
+    stability_threshold, confidence_threshold, max_new_tokens, seed."""
+
+    def __init__(self, ckpt: checkpoint.Checkpoint, backend: str = "auto", dtype: str | None = None,
+                 tok: tokenizer.Tokenizer | None = None):
+        self.args = ckpt.args
+        self.backend = create(backend, ckpt.args, ckpt.weights, dtype)
+        self.defaults = SamplerConfig().update(**ckpt.defaults)
+        self.tokenizer = tok
+
+    # --- generation ---------------------------------------------------------------------------
+
+    def _prompt_ids(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise DgrunError("this model has no tokenizer: pass token ids instead of text")
+            return self.tokenizer.encode(prompt)
+        return [int(t) for t in prompt]
+
+    def stream(self, prompt, cache=None, **knobs) -> Iterator[Draft | Block | Stats]:
+        """Yield a `Draft` per denoising step (its `.ids` is the argmax canvas), a `Block` per committed
+        block, and the final `Stats`. `cache` (from `new_cache()`) keeps earlier context."""
+        cfg = self.defaults.update(**knobs)
+        yield from stream(self.backend, self._prompt_ids(prompt), cfg, self.args.eos_token_id,
+                          self.args.pad_token_id, cache)
+
+    def generate(self, prompt, cache=None, **knobs) -> Result:
+        """Text (when a tokenizer is present) and ids, cut at EOS and max_new_tokens, plus stats."""
+        for event in self.stream(prompt, cache, **knobs):
+            if isinstance(event, Stats):
+                return Result(self.decode(event.ids), event.ids, event)
+        raise AssertionError("stream ended without stats")
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids) if self.tokenizer is not None else ""
+
+    # --- low level, for parity tests and scripts ----------------------------------------------
+
+    def new_cache(self):
+        """An empty KV cache."""
+        return self.backend.new_cache()
+
+    def encode(self, ids, cache) -> None:
+        """Commit tokens through the causal encoder into `cache`."""
+        self.backend.encode(self._prompt_ids(ids), cache)
+
+    def denoise(self, canvas_ids, cache, self_cond_logits=None):
+        """One decoder pass: softcapped logits (canvas_length, vocab) for `canvas_ids` given `cache`.
+        `self_cond_logits` is the previous step's processed logits (softcapped / temperature), or None."""
+        return self.backend.denoise(canvas_ids, cache, self_cond_logits)
+
+
+def load(path, backend: str = "auto", dtype: str | None = None) -> Model:
+    """Load an HF checkpoint directory or a GGUF file. backend: "auto" | "cpu"; dtype: "float32" | "bfloat16"."""
+    ckpt = checkpoint.load(path)
+    return Model(ckpt, backend, dtype, tokenizer.find(Path(path).expanduser()))

@@ -1,0 +1,120 @@
+"""Read a checkpoint into (ModelArgs, flat weights dict, sampler defaults).
+
+An HF directory is globbed into one flat dict with `safe_open` and renamed by `sanitize`
+(models/diffusion_gemma.py holds the table); a GGUF file is read by dgrun.gguf_io.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dgrun.errors import DgrunError
+from dgrun.models.diffusion_gemma import HF_DROP, HF_VISION, ModelArgs, expected_shapes, hf_to_gguf_name
+
+
+@dataclass
+class Checkpoint:
+    args: ModelArgs
+    weights: dict
+    defaults: dict = field(default_factory=dict)  # sampler knobs from generation_config.json or GGUF metadata
+    path: Path | None = None
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DgrunError(f"{path}: cannot read JSON ({e})") from e
+
+
+def generation_defaults(gen: dict) -> dict:
+    """Sampler knobs from a `generation_config.json`, in dgrun's names."""
+    out = {}
+    names = {"max_denoising_steps": "steps", "t_min": "t_min", "t_max": "t_max", "max_new_tokens": "max_new_tokens",
+             "stability_threshold": "stability_threshold", "confidence_threshold": "confidence_threshold"}
+    for src, dst in names.items():
+        if gen.get(src) is not None:
+            out[dst] = gen[src]
+    bound = (gen.get("sampler_config") or {}).get("entropy_bound")
+    if bound is not None:
+        out["entropy_bound"] = bound
+    return out
+
+
+def sanitize(weights: dict, args: ModelArgs) -> dict:
+    """HF names -> flat-dict names; drop what dgrun does not use; check every needed tensor and its shape."""
+    out, vision = {}, False
+    for name, tensor in weights.items():
+        new = hf_to_gguf_name(name)
+        if new is None:
+            vision |= bool(HF_VISION.match(name))
+            if not HF_DROP.match(name):
+                raise DgrunError(f"unexpected tensor {name!r}: not a DiffusionGemma checkpoint?")
+            continue
+        out[new] = tensor
+    if vision:
+        print("dgrun: skipping the vision tower: image input is not supported yet", file=sys.stderr)
+    check_shapes(out, args)
+    return out
+
+
+def check_shapes(weights: dict, args: ModelArgs) -> None:
+    want = expected_shapes(args)
+    missing = [k for k in want if k not in weights]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise DgrunError(f"missing tensor {missing[0]}{more}")
+    for name, shape in want.items():
+        got = tuple(weights[name].shape)
+        if got != shape:
+            raise DgrunError(f"tensor {name} has shape {list(got)}, expected {list(shape)} from the config")
+
+
+def load_hf_dir(path: Path) -> Checkpoint:
+    from safetensors import SafetensorError, safe_open
+
+    if not (path / "config.json").is_file():
+        raise DgrunError(f"{path}: no config.json, not a Hugging Face checkpoint directory")
+    args = ModelArgs.from_config(read_json(path / "config.json"))
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise DgrunError(f"{path}: no *.safetensors files")
+    raw = {}
+    try:
+        for f in files:
+            with safe_open(f, framework="pt") as st:
+                for name in st.keys():
+                    if not HF_VISION.match(name):
+                        raw[name] = st.get_tensor(name)
+                    else:
+                        raw[name] = None  # noted, never loaded
+    except (SafetensorError, OSError) as e:
+        raise DgrunError(f"{f}: cannot read safetensors ({e})") from e
+    defaults = {}
+    if (path / "generation_config.json").is_file():
+        gen = read_json(path / "generation_config.json")
+        defaults = generation_defaults(gen)
+        if gen.get("eos_token_id") is not None:
+            eos = gen["eos_token_id"]
+            args.eos_token_id = [eos] if isinstance(eos, int) else list(eos)
+        if gen.get("pad_token_id") is not None:
+            args.pad_token_id = gen["pad_token_id"]
+    return Checkpoint(args, sanitize(raw, args), defaults, path)
+
+
+def load(path) -> Checkpoint:
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise DgrunError(f"{path}: no such file or directory")
+    if path.is_dir():
+        return load_hf_dir(path)
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if path.suffix.lower() == ".gguf" or magic == b"GGUF":
+        from dgrun.gguf_io import load_gguf
+
+        return load_gguf(path)
+    raise DgrunError(f"{path}: not a checkpoint directory or a .gguf file")

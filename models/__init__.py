@@ -1,0 +1,1 @@
+"""Model definitions (dgrun.models). The embedded default model ships here too."""

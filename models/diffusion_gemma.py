@@ -1,0 +1,247 @@
+"""DiffusionGemma: hyperparameters, the per-layer plan and the weight-name table.
+
+Backend-neutral. Weights are one flat dict keyed by the llama.cpp GGUF tensor names (SPEC.md §3), so a
+GGUF loads as it is and an HF checkpoint goes through `sanitize`, whose renames are the one table below.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field, fields
+
+from dgrun.errors import DgrunError
+
+ARCH = "diffusion-gemma"
+
+# The transformers 5.23 defaults (configuration_diffusion_gemma.py), used where a config leaves a key out.
+DEFAULT_ROPE = {
+    "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+    "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0},
+}
+
+
+@dataclass(slots=True)
+class LayerSpec:
+    sliding: bool
+    head_dim: int
+    n_kv_heads: int
+    k_eq_v: bool  # no v_proj: V is the k_proj output (v_norm still applies, k_norm and rope do not)
+    rope_type: str  # "default" or "proportional"
+    rope_theta: float
+    partial_rotary_factor: float
+
+
+@dataclass(slots=True)
+class ModelArgs:
+    """The text_config of a DiffusionGemma checkpoint plus the root `canvas_length`; field names are the checkpoint's."""
+
+    vocab_size: int = 262_144
+    hidden_size: int = 2304
+    intermediate_size: int = 9216
+    num_hidden_layers: int = 30
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 4
+    head_dim: int = 256
+    global_head_dim: int = 512
+    num_global_key_value_heads: int | None = None
+    sliding_window: int = 512
+    layer_types: list[str] = field(default_factory=list)
+    rope_parameters: dict = field(default_factory=lambda: dict(DEFAULT_ROPE))
+    rms_norm_eps: float = 1e-6
+    final_logit_softcapping: float | None = 30.0
+    num_experts: int = 128
+    top_k_experts: int = 8
+    moe_intermediate_size: int = 704
+    hidden_activation: str = "gelu_pytorch_tanh"
+    canvas_length: int = 256
+    pad_token_id: int | None = 0
+    bos_token_id: int | None = 2
+    eos_token_id: list[int] = field(default_factory=lambda: [1])
+    # Full-attention layers' overrides keyed by layer index, as transformers 5.23 writes `per_layer_config`.
+    per_layer_config: dict[int, dict] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not self.layer_types:
+            self.layer_types = [
+                "full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(self.num_hidden_layers)
+            ]
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise DgrunError(f"config: {len(self.layer_types)} layer_types for {self.num_hidden_layers} layers")
+        self.layer_types = list(self.layer_types)
+        self.layer_types[-1] = "full_attention"  # the reference forces the last layer to full attention
+        if isinstance(self.eos_token_id, int):
+            self.eos_token_id = [self.eos_token_id]
+        self.eos_token_id = list(self.eos_token_id or [])
+        self.per_layer_config = {int(k): v for k, v in (self.per_layer_config or {}).items() if str(k).isdigit()}
+        if self.hidden_activation not in ("gelu_pytorch_tanh", "gelu_tanh"):
+            raise DgrunError(f"config: unsupported hidden_activation {self.hidden_activation!r}")
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_experts",
+                     "top_k_experts", "moe_intermediate_size", "canvas_length", "sliding_window"):
+            if int(getattr(self, name)) <= 0:
+                raise DgrunError(f"config: {name} must be positive")
+        if self.top_k_experts > self.num_experts:
+            raise DgrunError("config: top_k_experts is larger than num_experts")
+
+    @classmethod
+    def from_config(cls, config: dict) -> "ModelArgs":
+        """Read a DiffusionGemma `config.json` (root with `text_config`), ignoring keys we do not use."""
+        if config.get("model_type") != "diffusion_gemma" and "DiffusionGemmaForBlockDiffusion" not in config.get(
+            "architectures", []
+        ):
+            found = config.get("model_type") or config.get("architectures") or "unknown"
+            raise DgrunError(f"not a DiffusionGemma checkpoint (model_type: {found})")
+        text = dict(config.get("text_config") or {})
+        if text.get("use_bidirectional_attention") == "all":
+            raise DgrunError("config: use_bidirectional_attention='all' is not a DiffusionGemma setting")
+        names = {f.name for f in fields(cls)}
+        args = {k: v for k, v in text.items() if k in names and v is not None}
+        if config.get("canvas_length") is not None:
+            args["canvas_length"] = config["canvas_length"]
+        return cls(**args)
+
+    @property
+    def layers(self) -> list[LayerSpec]:
+        return [self.layer(i) for i in range(self.num_hidden_layers)]
+
+    def layer(self, i: int) -> LayerSpec:
+        sliding = self.layer_types[i] == "sliding_attention"
+        rope = self.rope_parameters.get(self.layer_types[i]) or DEFAULT_ROPE[self.layer_types[i]]
+        head_dim, n_kv = self.head_dim, self.num_key_value_heads
+        if not sliding:
+            # Either form: transformers' per_layer_config, or the released config's flat global_* keys.
+            override = self.per_layer_config.get(i)
+            if override is not None:
+                head_dim = override.get("head_dim", head_dim)
+                n_kv = override.get("num_key_value_heads", n_kv)
+            else:
+                head_dim = self.global_head_dim
+                n_kv = self.num_global_key_value_heads or n_kv
+        if self.num_attention_heads % n_kv:
+            raise DgrunError(f"config: layer {i} has {n_kv} kv heads for {self.num_attention_heads} query heads")
+        return LayerSpec(
+            sliding=sliding,
+            head_dim=int(head_dim),
+            n_kv_heads=int(n_kv),
+            k_eq_v=not sliding,  # the reference builds v_proj on sliding layers only
+            rope_type=rope.get("rope_type", "default"),
+            rope_theta=float(rope["rope_theta"]),
+            partial_rotary_factor=float(rope.get("partial_rotary_factor", 1.0)),
+        )
+
+    @property
+    def embed_scale(self) -> float:
+        return self.hidden_size**0.5
+
+
+def rope_inv_freq(spec: LayerSpec):
+    """Inverse frequencies of length head_dim/2, computed as transformers does (float32 torch ops, same order)."""
+    import torch
+
+    d = spec.head_dim
+    if spec.rope_type == "proportional":
+        # Only the first partial_rotary_factor of the angles rotate; the rest are zero frequency (identity).
+        n_rot = int(spec.partial_rotary_factor * d // 2)
+        rot = 1.0 / (spec.rope_theta ** (torch.arange(0, 2 * n_rot, 2, dtype=torch.int64).float() / d))
+        return torch.cat([rot, torch.zeros(d // 2 - n_rot, dtype=torch.float32)])
+    if spec.rope_type == "default" and spec.partial_rotary_factor == 1.0:
+        return 1.0 / (spec.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float) / d))
+    raise DgrunError(f"unsupported rope: {spec.rope_type} with partial_rotary_factor {spec.partial_rotary_factor}")
+
+
+# HF safetensors name -> flat weights-dict name (the llama.cpp GGUF name). `{bid}` is the layer index.
+HF_TO_GGUF = {
+    "model.decoder.embed_tokens.weight": "token_embd.weight",
+    "model.decoder.norm.weight": "output_norm.weight",
+    "model.decoder.self_conditioning.pre_norm.weight": "self_cond_pre_norm.weight",
+    "model.decoder.self_conditioning.gate_proj.weight": "self_cond_gate.weight",
+    "model.decoder.self_conditioning.up_proj.weight": "self_cond_up.weight",
+    "model.decoder.self_conditioning.down_proj.weight": "self_cond_down.weight",
+    "model.decoder.layers.{bid}.input_layernorm.weight": "blk.{bid}.attn_norm.weight",
+    "model.decoder.layers.{bid}.self_attn.q_proj.weight": "blk.{bid}.attn_q.weight",
+    "model.decoder.layers.{bid}.self_attn.k_proj.weight": "blk.{bid}.attn_k.weight",
+    "model.decoder.layers.{bid}.self_attn.v_proj.weight": "blk.{bid}.attn_v.weight",
+    "model.decoder.layers.{bid}.self_attn.o_proj.weight": "blk.{bid}.attn_output.weight",
+    "model.decoder.layers.{bid}.self_attn.q_norm.weight": "blk.{bid}.attn_q_norm.weight",
+    "model.decoder.layers.{bid}.self_attn.k_norm.weight": "blk.{bid}.attn_k_norm.weight",
+    "model.decoder.layers.{bid}.post_attention_layernorm.weight": "blk.{bid}.post_attention_norm.weight",
+    "model.decoder.layers.{bid}.pre_feedforward_layernorm.weight": "blk.{bid}.ffn_norm.weight",
+    "model.decoder.layers.{bid}.mlp.gate_proj.weight": "blk.{bid}.ffn_gate.weight",
+    "model.decoder.layers.{bid}.mlp.up_proj.weight": "blk.{bid}.ffn_up.weight",
+    "model.decoder.layers.{bid}.mlp.down_proj.weight": "blk.{bid}.ffn_down.weight",
+    "model.decoder.layers.{bid}.post_feedforward_layernorm.weight": "blk.{bid}.post_ffw_norm.weight",
+    "model.decoder.layers.{bid}.post_feedforward_layernorm_1.weight": "blk.{bid}.post_ffw_norm_1.weight",
+    "model.decoder.layers.{bid}.pre_feedforward_layernorm_2.weight": "blk.{bid}.pre_ffw_norm_2.weight",
+    "model.decoder.layers.{bid}.post_feedforward_layernorm_2.weight": "blk.{bid}.post_ffw_norm_2.weight",
+    "model.decoder.layers.{bid}.router.proj.weight": "blk.{bid}.ffn_gate_inp.weight",
+    "model.decoder.layers.{bid}.router.scale": "blk.{bid}.ffn_gate_inp.scale",
+    "model.decoder.layers.{bid}.router.per_expert_scale": "blk.{bid}.ffn_down_exps.scale",
+    "model.decoder.layers.{bid}.experts.gate_up_proj": "blk.{bid}.ffn_gate_up_exps.weight",
+    "model.decoder.layers.{bid}.experts.down_proj": "blk.{bid}.ffn_down_exps.weight",
+    "model.decoder.layers.{bid}.layer_scalar": "blk.{bid}.layer_output_scale.weight",
+    "model.encoder.language_model.layers.{bid}.layer_scalar": "blk.{bid}.enc_layer_output_scale.weight",
+}
+
+# Present in an HF checkpoint but not needed: the tied lm_head, tied encoder copies, the vision tower.
+HF_DROP = re.compile(r"^(lm_head\.|model\.encoder\.(vision_tower|embed_vision)\.|model\.encoder\.language_model\.)")
+HF_VISION = re.compile(r"^model\.encoder\.(vision_tower|embed_vision)\.")
+
+_HF_PATTERNS = [
+    (re.compile("^" + re.escape(src).replace(r"\{bid\}", r"(\d+)") + "$"), dst) for src, dst in HF_TO_GGUF.items()
+]
+
+
+def hf_to_gguf_name(name: str) -> str | None:
+    """The flat-dict name for an HF tensor name, or None when dgrun does not use the tensor."""
+    for pattern, dst in _HF_PATTERNS:
+        m = pattern.match(name)
+        if m:
+            return dst.format(bid=m.group(1)) if m.groups() else dst
+    return None
+
+
+def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Every tensor the engine needs, with its torch shape (GGUF stores the dims reversed)."""
+    h, v, e = args.hidden_size, args.vocab_size, args.num_experts
+    shapes = {
+        "token_embd.weight": (v, h),
+        "output_norm.weight": (h,),
+        "self_cond_pre_norm.weight": (h,),
+        "self_cond_gate.weight": (args.intermediate_size, h),
+        "self_cond_up.weight": (args.intermediate_size, h),
+        "self_cond_down.weight": (h, args.intermediate_size),
+    }
+    for i, spec in enumerate(args.layers):
+        q, kv = args.num_attention_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim
+        b = f"blk.{i}."
+        shapes.update({
+            b + "attn_norm.weight": (h,),
+            b + "attn_q.weight": (q, h),
+            b + "attn_k.weight": (kv, h),
+            b + "attn_output.weight": (h, q),
+            b + "attn_q_norm.weight": (spec.head_dim,),
+            b + "attn_k_norm.weight": (spec.head_dim,),
+            b + "post_attention_norm.weight": (h,),
+            b + "ffn_norm.weight": (h,),
+            b + "ffn_gate.weight": (args.intermediate_size, h),
+            b + "ffn_up.weight": (args.intermediate_size, h),
+            b + "ffn_down.weight": (h, args.intermediate_size),
+            b + "post_ffw_norm.weight": (h,),
+            b + "post_ffw_norm_1.weight": (h,),
+            b + "pre_ffw_norm_2.weight": (h,),
+            b + "post_ffw_norm_2.weight": (h,),
+            b + "ffn_gate_inp.weight": (e, h),
+            b + "ffn_gate_inp.scale": (h,),
+            b + "ffn_down_exps.scale": (e,),
+            b + "ffn_gate_up_exps.weight": (e, 2 * args.moe_intermediate_size, h),
+            b + "ffn_down_exps.weight": (e, h, args.moe_intermediate_size),
+            b + "layer_output_scale.weight": (1,),
+            b + "enc_layer_output_scale.weight": (1,),
+        })
+        if not spec.k_eq_v:
+            shapes[b + "attn_v.weight"] = (kv, h)
+    return shapes
+
+
+def n_params(args: ModelArgs) -> int:
+    return sum(math.prod(s) for s in expected_shapes(args).values())
