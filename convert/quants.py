@@ -22,8 +22,14 @@ blocks, in the style of gguf-py's ``gguf/quants.py``.
 Vectorisation: a sub-block's elements lie along axis 0 and the sub-blocks
 along axis 1, so ``np.add.reduce(a, axis=0)`` adds rows one after another,
 which is exactly the C summation order. The only Python loops are over the
-small fixed number of search steps and over chunks of blocks (which may run
-on a few threads; numpy releases the GIL inside its loops).
+small fixed number of search steps and over chunks of blocks (optionally on
+threads: numpy releases the GIL inside its loops; off by default, as it did
+not pay on a 2-core machine).
+
+Parity was checked against ggml's C reference built for plain x86-64 (how
+ggml-base, which holds ggml-quants.c, is built by default). A build where the
+compiler contracts a*b+c into FMA (-march=native with FMA, most aarch64
+builds) rounds differently and produces different bytes for some blocks.
 """
 
 from __future__ import annotations
@@ -34,7 +40,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-import gguf
 import gguf.quants as _gq
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT
 
@@ -448,16 +453,16 @@ TYPES: dict[QT, QuantType] = {r.qtype: r for r in (
 )}
 SUPPORTED: frozenset[QT] = frozenset(TYPES)
 
-# Blocks per work item for the K-quants: big enough to amortise numpy call
-# overhead, small enough that the (32, n) working arrays stay in cache.
-_CHUNK_BLOCKS = 256
+# Super-blocks per work item for the K-quants: big enough to amortise numpy
+# call overhead, small enough that the (32, n) working arrays stay in cache.
+_CHUNK_BLOCKS = 512
 
 
-def _threads() -> int:
-    env = os.environ.get("DGRUN_QUANT_THREADS")
-    if env:
-        return max(1, int(env))
-    return max(1, min(8, os.cpu_count() or 1))
+def _threads(threads: int | None) -> int:
+    if threads is None:
+        env = os.environ.get("DGRUN_QUANT_THREADS")
+        threads = int(env) if env else 1
+    return max(1, threads)
 
 
 def byte_shape(shape: tuple[int, ...], qtype: QT) -> tuple[int, ...]:
@@ -478,7 +483,7 @@ def _row_of(qtype) -> QuantType:
         raise NotImplementedError(f"quantization to {qtype.name} is not supported") from None
 
 
-def _quantize_k(x: np.ndarray, row: QuantType) -> np.ndarray:
+def _quantize_k(x: np.ndarray, row: QuantType, threads: int | None) -> np.ndarray:
     bs, ts = row.block_size, row.type_size
     blocks = x.reshape(-1, bs)
     nb = blocks.shape[0]
@@ -489,7 +494,7 @@ def _quantize_k(x: np.ndarray, row: QuantType) -> np.ndarray:
         with np.errstate(all="ignore"):   # errstate is per thread; inf/nan intermediates are expected
             out[s:s + _CHUNK_BLOCKS] = row.quantize_blocks(blocks[s:s + _CHUNK_BLOCKS])
 
-    nt = min(_threads(), len(starts))
+    nt = min(_threads(threads), len(starts))
     if nt <= 1:
         for s in starts:
             work(s)
@@ -500,12 +505,14 @@ def _quantize_k(x: np.ndarray, row: QuantType) -> np.ndarray:
     return out.reshape(byte_shape(x.shape, row.qtype))
 
 
-def quantize(x: np.ndarray, qtype: QT) -> np.ndarray:
-    """Quantize ``x`` (any float dtype, converted to float32 first) to ``qtype``.
+def quantize(x: np.ndarray, qtype: QT, *, threads: int | None = None) -> np.ndarray:
+    """Quantize ``x`` (any real dtype, converted to float32 first) to ``qtype``.
 
     Returns uint8 with the gguf byte-shape convention: leading dims kept, the
-    last dim becomes bytes per row. The last dim must be a multiple of the
-    type's block size.
+    last dim becomes bytes per row (see ``byte_shape``). The last dim must be
+    a multiple of the type's block size. For F32 the result may be a view of
+    ``x``. ``threads`` (default: $DGRUN_QUANT_THREADS or 1) only affects the
+    K-quants; the output does not depend on it.
     """
     row = _row_of(qtype)
     x = np.ascontiguousarray(x, dtype=_F32)
@@ -515,7 +522,7 @@ def quantize(x: np.ndarray, qtype: QT) -> np.ndarray:
         raise ValueError(f"row size {x.shape[-1]} is not a multiple of the "
                          f"{row.qtype.name} block size {row.block_size}")
     if row.quantize_blocks is not None:
-        return _quantize_k(x, row)
+        return _quantize_k(x, row, threads)
     if row.qtype == QT.F32:
         return x.view(np.uint8)
     q = _gq.quantize(x, row.qtype)

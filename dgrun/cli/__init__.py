@@ -1,0 +1,86 @@
+"""The `dgrun` command: a thin Typer layer over the Python API. One module per verb."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+try:  # typer >= 0.20 vendors click
+    from typer._click import exceptions as cx
+except ImportError:  # pragma: no cover
+    from click import exceptions as cx
+
+from dgrun.errors import DgrunError
+
+EPILOG = """Examples:
+
+  dgrun run -m ./my-checkpoint -p "def fib(n):" -n 64
+
+  dgrun run -m model.gguf --ids "2,651,1378" --steps 16 --json
+"""
+
+app = typer.Typer(
+    name="dgrun",
+    help="Run DiffusionGemma locally: block diffusion with the reference sampler.",
+    epilog=EPILOG,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool):
+    if value:
+        from dgrun import __version__
+
+        print(f"dgrun {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[Optional[bool], typer.Option("--version", "-V", callback=_version, is_eager=True,
+                                                          help="Print the version and exit.")] = None):
+    pass
+
+
+from dgrun.cli import run  # noqa: E402,F401  (registers its verb on `app`)
+
+
+def fail(message: str, code: int = 1) -> int:
+    print(f"dgrun: error: {message}", file=sys.stderr)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: every error becomes one line on stderr; DGRUN_DEBUG=1 shows tracebacks."""
+    debug = os.environ.get("DGRUN_DEBUG") == "1"
+    try:
+        app(args=argv, prog_name="dgrun", standalone_mode=False)
+        return 0
+    except typer.Exit as e:
+        return e.exit_code
+    except cx.NoArgsIsHelpError as e:
+        print(e.ctx.get_help())
+        return 0
+    except cx.UsageError as e:
+        if debug:
+            raise
+        return fail(e.format_message().replace("\n", " "), 2)
+    except (KeyboardInterrupt, typer.Abort):
+        return fail("interrupted", 130)
+    except DgrunError as e:
+        if debug:
+            raise
+        return fail(str(e))
+    except Exception as e:  # a bug or an unforeseen input: still one line unless debugging
+        if debug:
+            raise
+        return fail(f"{type(e).__name__}: {e} (set DGRUN_DEBUG=1 for the traceback)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from dgrun.cli import main
+
+sys.exit(main())
