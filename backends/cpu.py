@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from dgrun.backends import torch_sampler
 from dgrun.errors import DgrunError
 from dgrun.models.diffusion_gemma import ModelArgs, rope_inv_freq
+from dgrun.qtensor import QTensor
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -61,7 +62,9 @@ class CpuBackend:
         self.embed_scale = torch.tensor(args.embed_scale).to(self.dtype)
 
     def _to_dtype(self, name: str, t) -> torch.Tensor:
-        if not isinstance(t, torch.Tensor):
+        if isinstance(t, QTensor):
+            t = t.dequantize()  # float32, one tensor at a time: the model is never held twice in float32
+        elif not isinstance(t, torch.Tensor):
             t = torch.as_tensor(t)
         if name.endswith(".scale") or "layer_output_scale" in name:
             return t.to(self.dtype)
@@ -89,12 +92,17 @@ class CpuBackend:
 
     @torch.inference_mode()
     def denoise(self, canvas, cache: TorchCache, self_cond_logits=None) -> torch.Tensor:
-        canvas = torch.as_tensor(canvas, dtype=torch.int64, device=self.device).view(1, -1)
-        x = self._embed(canvas)
+        probs = None
         if self_cond_logits is not None:
             # As the reference: softmax in float32 of the logits cast to the embedding dtype.
-            probs = torch.as_tensor(self_cond_logits).to(self.dtype).softmax(-1, dtype=torch.float32).to(self.dtype)
-            x = self._self_condition(x, probs.view(1, canvas.shape[1], -1))
+            probs = torch.as_tensor(self_cond_logits).to(self.dtype).softmax(-1, dtype=torch.float32)
+        return self._decode(canvas, cache, probs)
+
+    def _decode(self, canvas, cache: TorchCache, sc_probs: torch.Tensor | None) -> torch.Tensor:
+        canvas = torch.as_tensor(canvas, dtype=torch.int64, device=self.device).view(1, -1)
+        x = self._embed(canvas)
+        if sc_probs is not None:
+            x = self._self_condition(x, sc_probs.to(self.dtype).view(1, canvas.shape[1], -1))
         else:
             x = rms_norm(x, None, self.args.rms_norm_eps)  # a zero signal leaves only the post-norm
         x = self._run_layers(x, cache, encode=False)
@@ -109,7 +117,10 @@ class CpuBackend:
 
     @torch.inference_mode()
     def step(self, state, cache, temperature: float, sampler, rng) -> torch_sampler.StepState:
-        logits = self.denoise(state.canvas, cache, state.sc_logits)
+        if state.sc_logits is None or self.dtype != torch.float32:
+            logits = self.denoise(state.canvas, cache, state.sc_logits)
+        else:  # in float32 the sampler's probabilities are exactly the self-conditioning softmax: reuse them
+            logits = self._decode(state.canvas, cache, state.probs)
         t = torch.tensor(temperature, dtype=torch.float32)
         return torch_sampler.sampler_step(state, logits, t, sampler.entropy_bound, sampler.confidence_threshold, rng)
 

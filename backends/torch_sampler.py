@@ -17,6 +17,7 @@ class StepState:
     canvas: torch.Tensor  # (1, C) int64: the next decoder input
     argmax: torch.Tensor  # (1, C) int64: the draft, committed when the block ends
     sc_logits: torch.Tensor | None  # (C, V) processed logits of the last step, None on the first
+    probs: torch.Tensor | None  # (C, V) float32 softmax of sc_logits: reused by float32 self-conditioning
     history: torch.Tensor  # (stability_threshold, 1, C) int64: the last argmax canvases
     done: torch.Tensor  # () bool
 
@@ -24,7 +25,7 @@ class StepState:
 def start_block(vocab: int, canvas_length: int, stability_threshold: int, rng: torch.Generator) -> StepState:
     canvas = torch.randint(0, vocab, (1, canvas_length), generator=rng, device=rng.device)
     history = torch.full((stability_threshold, 1, canvas_length), -1, dtype=torch.int64, device=rng.device)
-    return StepState(canvas, canvas, None, history, torch.zeros((), dtype=torch.bool, device=rng.device))
+    return StepState(canvas, canvas, None, None, history, torch.zeros((), dtype=torch.bool, device=rng.device))
 
 
 def token_entropy(processed: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
@@ -60,4 +61,4 @@ def sampler_step(state: StepState, logits: torch.Tensor, temperature: torch.Tens
         stable = (history == argmax[None]).all()
         history = torch.cat([history[1:], argmax[None]], dim=0)
     confident = entropy.mean() < confidence_threshold
-    return StepState(canvas, argmax, processed, history, stable & confident)
+    return StepState(canvas, argmax, processed, probs, history, stable & confident)
