@@ -1,8 +1,10 @@
 """The entropy-bound sampler step in torch, shared by the torch backends (cpu now, cuda next).
 
-Follows transformers' `_denoising_step`, `EntropyBoundSampler` and `StableAndConfidentStoppingCriteria`,
-with the same random draws in the same order (multinomial, then the renoise canvas), so a seed reproduces
-the reference. Every tensor has a fixed shape and nothing reads back to the host: a CUDA graph can hold it.
+Follows transformers' `_denoising_step`, `EntropyBoundSampler` and `StableAndConfidentStoppingCriteria`.
+The categorical draw is by inverse CDF (one uniform per position) where torch.multinomial draws one
+exponential per vocabulary entry: the same distribution for a fraction of the work (16.8M exponentials a
+step at the real vocab). Every tensor has a fixed shape and nothing reads back to the host: a CUDA graph
+can hold it.
 """
 
 from __future__ import annotations
@@ -28,6 +30,13 @@ def start_block(vocab: int, canvas_length: int, stability_threshold: int, rng: t
     return StepState(canvas, canvas, None, None, history, torch.zeros((), dtype=torch.bool, device=rng.device))
 
 
+def draw(probs: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+    """One categorical sample per row of probs (rows, V), by inverse CDF."""
+    cdf = probs.cumsum(-1)
+    u = torch.rand((probs.shape[0], 1), generator=rng, device=probs.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1)
+
+
 def token_entropy(processed: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
     """Entropy per position of softmax(processed), reusing probs: one pass instead of Categorical's two."""
     log_probs = processed - processed.logsumexp(-1, keepdim=True)
@@ -47,7 +56,7 @@ def sampler_step(state: StepState, logits: torch.Tensor, temperature: torch.Tens
     vocab = logits.shape[-1]
     processed = logits / temperature  # (C, V) float32
     probs = torch.softmax(processed, dim=-1, dtype=torch.float32)
-    sampled = torch.multinomial(probs, num_samples=1, generator=rng).view(1, -1)
+    sampled = draw(probs, rng).view(1, -1)
     argmax = processed.argmax(-1).view(1, -1)
     entropy = token_entropy(processed, probs).view(1, -1)
     accepted = accept_mask(entropy, entropy_bound)

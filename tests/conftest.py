@@ -18,3 +18,49 @@ def ckpt_a(tmp_path_factory):
 @pytest.fixture(scope="session")
 def ckpt_b(tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp("b"), SHAPE_B, canvas_length=8, seed=1)
+
+
+GENERATION = dict(max_denoising_steps=24, t_min=0.3, t_max=0.9, sampler_config={"entropy_bound": 0.2},
+                  stability_threshold=2, confidence_threshold=0.01)
+
+
+@pytest.fixture(scope="session")
+def ckpt_bf16(tmp_path_factory):
+    """bf16 weights (a bf16 GGUF holds them bit for bit), a chat tokenizer and sampler defaults."""
+    import torch
+
+    from tiny import make_chat_tokenizer
+
+    path = make_checkpoint(tmp_path_factory.mktemp("bf16"), SHAPE_A, canvas_length=16, seed=4,
+                           dtype=torch.bfloat16, generation=GENERATION)
+    return make_chat_tokenizer(path, SHAPE_A["vocab_size"])
+
+
+@pytest.fixture(scope="session")
+def ckpt_k(tmp_path_factory):
+    """SHAPE_K (rows of 256 for the K-quants) with q/k norms scaled by 1/4: attention logits of a trained
+    model's size, so logit errors measure quantization rather than near-one-hot attention flipping."""
+    from safetensors.torch import load_file, save_file
+
+    from tiny import SHAPE_K
+
+    path = make_checkpoint(tmp_path_factory.mktemp("k"), SHAPE_K, canvas_length=16, seed=2)
+    w = load_file(path / "model.safetensors")
+    w = {k: v * 0.25 if k.endswith(("q_norm.weight", "k_norm.weight")) else v for k, v in w.items()}
+    save_file(w, path / "model.safetensors", metadata={"format": "pt"})
+    return path
+
+
+@pytest.fixture
+def reference_draws(monkeypatch):
+    """Feed the reference the same random draws as dgrun: its `torch.multinomial(probs, 1)` call becomes
+    dgrun's inverse-CDF draw on the global generator, which the reference seeds with torch.manual_seed."""
+    import torch
+
+    from dgrun.backends.torch_sampler import draw
+
+    def multinomial(probs, num_samples=1, replacement=False, generator=None):
+        assert num_samples == 1
+        return draw(probs, generator or torch.default_generator)
+
+    monkeypatch.setattr(torch, "multinomial", multinomial)

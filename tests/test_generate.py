@@ -25,11 +25,11 @@ def models(ckpt_a):
 
 
 # Few steps: over many steps, float noise (1e-6) compounds through self-conditioning on random weights
-# until one multinomial draw flips (see README, "How parity is tested").
+# until one categorical draw flips (see README, "How parity is tested").
 @pytest.mark.parametrize("knobs", [dict(steps=4, stability_threshold=0, confidence_threshold=1e-9),
                                    dict(steps=3, stability_threshold=1, confidence_threshold=100.0),
                                    dict(steps=2, entropy_bound=5.0)])
-def test_tokens_match_reference_generate(models, knobs):
+def test_tokens_match_reference_generate(models, knobs, reference_draws):
     m, ref = models
     m.args.eos_token_id = []
     ref_kw = dict(knobs, max_denoising_steps=knobs["steps"])
@@ -43,7 +43,7 @@ def test_tokens_match_reference_generate(models, knobs):
     assert res.stats.tokens_per_forward == pytest.approx(ref_tpf)
 
 
-def test_eos_trims_like_reference(models):
+def test_eos_trims_like_reference(models, reference_draws):
     m, ref = models
     knobs = dict(steps=3, stability_threshold=0, confidence_threshold=1e-9)
     m.args.eos_token_id = []

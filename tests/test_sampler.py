@@ -68,7 +68,7 @@ def dgrun_steps(logits_seq, cfg: SamplerConfig, seed: int):
 
 @pytest.mark.parametrize("bound,stability,confidence", [(0.1, 1, 0.005), (1.0, 2, 0.05), (5.0, 0, 0.5),
                                                          (0.01, 1, 1.0), (0.1, 1, 1e-9)])
-def test_sampler_decisions_match_reference(bound, stability, confidence):
+def test_sampler_decisions_match_reference(bound, stability, confidence, reference_draws):
     cfg = SamplerConfig(steps=12, entropy_bound=bound, stability_threshold=stability, confidence_threshold=confidence)
     seq = logits_sequence(cfg.steps, seed=int(bound * 100) + stability)
     ref, ours = reference_steps(seq, cfg, seed=3), dgrun_steps(seq, cfg, seed=3)
@@ -99,6 +99,17 @@ def test_accept_mask_rule():
 
 def accept_list(e, bound):
     return torch_sampler.accept_mask(e, bound).tolist()
+
+
+def test_draw_samples_the_distribution():
+    """Inverse-CDF draws follow probs: chi-square over 20k draws, zero-probability tokens never drawn."""
+    probs = torch.tensor([[0.5, 0.0, 0.25, 0.125, 0.125, 0.0]]).repeat(20000, 1)
+    counts = torch.bincount(torch_sampler.draw(probs, torch.Generator().manual_seed(0)).view(-1), minlength=6)
+    assert counts[1] == 0 and counts[5] == 0
+    expected = probs[0] * 20000
+    nz = expected > 0
+    chi2 = ((counts[nz] - expected[nz]) ** 2 / expected[nz]).sum().item()
+    assert chi2 < 16.3  # p = 0.001 at 3 degrees of freedom
 
 
 def test_temperature_schedule_counts_down():
