@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import dgrun  # noqa: E402
 from dgrun.generate import SamplerConfig, temperature  # noqa: E402
-from tiny import make_checkpoint, reference  # noqa: E402
+from tiny import make_checkpoint  # noqa: E402
 
 
 def mid_config(vocab: int) -> dict:
@@ -93,7 +93,10 @@ def main():
     cfg = SamplerConfig(confidence_threshold=1e-9)  # never stop: every timed step is a full step
     with tempfile.TemporaryDirectory() as d:
         path = make_checkpoint(Path(d), mid_config(a.vocab), canvas_length=a.canvas)
-        ref, m = reference(path), dgrun.load(path, backend="cpu")
+        from transformers import DiffusionGemmaForBlockDiffusion
+
+        ref = DiffusionGemmaForBlockDiffusion.from_pretrained(path).eval()  # its default attention (sdpa)
+        m = dgrun.load(path, backend="cpu")
         prompt = torch.randint(0, a.vocab, (1, a.prompt), generator=torch.Generator().manual_seed(0))
         r_step, d_step = reference_step_fn(ref, prompt, a.canvas, cfg), dgrun_step_fn(m, prompt, cfg)
         # Interleave the two engines so machine noise hits both alike.
