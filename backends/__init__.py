@@ -11,7 +11,7 @@ from typing import Any, Protocol, Sequence
 
 from dgrun.errors import DgrunError
 
-BACKENDS = ("cpu",)
+BACKENDS = ("cpu", "mlx")
 
 
 class Backend(Protocol):
@@ -45,14 +45,30 @@ class Backend(Protocol):
 def pick(name: str) -> str:
     """Resolve "auto" to a backend name."""
     if name == "auto":
-        return "cpu"  # the mlx and cuda backends arrive with their own issues
+        return "mlx" if _mlx_default() else "cpu"  # the cuda backend arrives with its own issue
     if name not in BACKENDS:
         raise DgrunError(f"unknown backend {name!r} (available on {platform.machine()}: {', '.join(BACKENDS)})")
     return name
 
 
+def _mlx_default() -> bool:
+    """Apple silicon with mlx installed."""
+    import importlib.util
+
+    return platform.system() == "Darwin" and platform.machine() == "arm64" and importlib.util.find_spec("mlx") is not None
+
+
 def create(name: str, args, weights: dict, dtype: str | None = None) -> Backend:
     name = pick(name)
-    from dgrun.backends.cpu import CpuBackend
+    if name == "mlx":
+        import importlib.util
 
-    return CpuBackend(args, weights, dtype=dtype or "float32")
+        if importlib.util.find_spec("mlx") is None:
+            raise DgrunError("the mlx backend needs MLX: pip install mlx (Apple silicon) or 'mlx[cpu]' (Linux)")
+        from dgrun.backends.mlx import MlxBackend
+
+        return MlxBackend(args, weights, dtype=dtype)
+    from dgrun.backends.cpu import CpuBackend
+    from dgrun.convert.affine import dequantizing
+
+    return CpuBackend(args, dequantizing(weights), dtype=dtype or "float32")  # MLX-affine weights as float

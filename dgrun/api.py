@@ -39,16 +39,19 @@ class Model:
             return self.tokenizer.encode(prompt)
         return [int(t) for t in prompt]
 
-    def stream(self, prompt, cache=None, **knobs) -> Iterator[Draft | Block | Stats]:
+    def stream(self, prompt, cache=None, stop_ids=(), trim_repeats: bool = False,
+               **knobs) -> Iterator[Draft | Block | Stats]:
         """Yield a `Draft` per denoising step (its `.ids` is the argmax canvas), a `Block` per committed
-        block, and the final `Stats`. `cache` (from `new_cache()`) keeps earlier context."""
+        block, and the final `Stats`. `cache` (from `new_cache()`) keeps earlier context. `stop_ids` end
+        generation like EOS (e.g. end-of-turn); `trim_repeats` drops a block that repeats the previous one."""
         cfg = self.defaults.update(**knobs)
-        yield from stream(self.backend, self._prompt_ids(prompt), cfg, self.args.eos_token_id,
-                          self.args.pad_token_id, cache)
+        eos = list(self.args.eos_token_id) + [int(t) for t in stop_ids]
+        yield from stream(self.backend, self._prompt_ids(prompt), cfg, eos, self.args.pad_token_id, cache,
+                          trim_repeats)
 
-    def generate(self, prompt, cache=None, **knobs) -> Result:
+    def generate(self, prompt, cache=None, stop_ids=(), trim_repeats: bool = False, **knobs) -> Result:
         """Text (when a tokenizer is present) and ids, cut at EOS and max_new_tokens, plus stats."""
-        for event in self.stream(prompt, cache, **knobs):
+        for event in self.stream(prompt, cache, stop_ids, trim_repeats, **knobs):
             if isinstance(event, Stats):
                 return Result(self.decode(event.ids), event.ids, event)
         raise AssertionError("stream ended without stats")
@@ -73,6 +76,11 @@ class Model:
 
 
 def load(path, backend: str = "auto", dtype: str | None = None) -> Model:
-    """Load an HF checkpoint directory or a GGUF file. backend: "auto" | "cpu"; dtype: "float32" | "bfloat16"."""
+    """Load an HF checkpoint directory or a GGUF file (its tokenizer comes from the file), or a hub repo
+    id `user/repo[:QUANT]`. backend: "auto" | "cpu"; dtype: "float32" | "bfloat16"."""
+    from dgrun import hub
+
+    if hub.is_repo_id(str(path)):
+        path = hub.resolve(str(path))
     ckpt = checkpoint.load(path)
     return Model(ckpt, backend, dtype, tokenizer.find(Path(path).expanduser()))

@@ -73,7 +73,18 @@ def check_shapes(weights: dict, args: ModelArgs) -> None:
             raise DgrunError(f"tensor {name} has shape {list(got)}, expected {list(shape)} from the config")
 
 
-def load_hf_dir(path: Path) -> Checkpoint:
+@dataclass(frozen=True)
+class LazyTensor:
+    """A safetensors tensor known by its header only; `convert` and `info` stream these."""
+
+    file: Path
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # the safetensors dtype: "BF16", "F16", "F32", ...
+
+
+def open_hf_dir(path: Path) -> Checkpoint:
+    """Config, sampler defaults and the sanitized weights as LazyTensor (nothing is read but headers)."""
     from safetensors import SafetensorError, safe_open
 
     if not (path / "config.json").is_file():
@@ -82,15 +93,13 @@ def load_hf_dir(path: Path) -> Checkpoint:
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise DgrunError(f"{path}: no *.safetensors files")
-    raw = {}
+    refs = {}
     try:
         for f in files:
             with safe_open(f, framework="pt") as st:
                 for name in st.keys():
-                    if not HF_VISION.match(name):
-                        raw[name] = st.get_tensor(name)
-                    else:
-                        raw[name] = None  # noted, never loaded
+                    part = st.get_slice(name)
+                    refs[name] = LazyTensor(f, name, tuple(part.get_shape()), part.get_dtype())
     except (SafetensorError, OSError) as e:
         raise DgrunError(f"{f}: cannot read safetensors ({e})") from e
     defaults = {}
@@ -102,7 +111,30 @@ def load_hf_dir(path: Path) -> Checkpoint:
             args.eos_token_id = [eos] if isinstance(eos, int) else list(eos)
         if gen.get("pad_token_id") is not None:
             args.pad_token_id = gen["pad_token_id"]
-    return Checkpoint(args, sanitize(raw, args), defaults, path)
+    return Checkpoint(args, sanitize(refs, args), defaults, path)
+
+
+def read_tensors(refs: dict) -> dict:
+    """Read LazyTensor refs into torch tensors, each file opened once."""
+    from safetensors import SafetensorError, safe_open
+
+    out, by_file = {}, {}
+    for key, ref in refs.items():
+        by_file.setdefault(ref.file, []).append((key, ref.name))
+    for f, names in by_file.items():
+        try:
+            with safe_open(f, framework="pt") as st:
+                for key, name in names:
+                    out[key] = st.get_tensor(name)
+        except (SafetensorError, OSError) as e:
+            raise DgrunError(f"{f}: cannot read safetensors ({e})") from e
+    return {k: out[k] for k in refs}
+
+
+def load_hf_dir(path: Path) -> Checkpoint:
+    ckpt = open_hf_dir(path)
+    ckpt.weights = read_tensors(ckpt.weights)
+    return ckpt
 
 
 def load(path) -> Checkpoint:
@@ -110,7 +142,9 @@ def load(path) -> Checkpoint:
     if not path.exists():
         raise DgrunError(f"{path}: no such file or directory")
     if path.is_dir():
-        return load_hf_dir(path)
+        from dgrun.mlx_io import is_mlx_dir, load_mlx_dir  # MLX-format directories (issue 5)
+
+        return load_mlx_dir(path) if is_mlx_dir(path) else load_hf_dir(path)
     with open(path, "rb") as f:
         magic = f.read(4)
     if path.suffix.lower() == ".gguf" or magic == b"GGUF":

@@ -84,6 +84,7 @@ class Block:
     steps: int
     converged: bool  # stopped by the stable-and-confident rule rather than by running out of steps
     eos: bool
+    repeated: bool = False  # the block equalled the previous one and was dropped (trim_repeats)
 
 
 @dataclass
@@ -110,8 +111,9 @@ def first_eos(ids: list[int], eos: set[int]) -> int | None:
 
 
 def stream(backend, prompt_ids: list[int], cfg: SamplerConfig, eos_ids=(), pad_id: int | None = None,
-           cache=None) -> Iterator[Draft | Block | Stats]:
-    """Yield a Draft per step, a Block per finished block, then the Stats. Reuses `cache` when given."""
+           cache=None, trim_repeats: bool = False) -> Iterator[Draft | Block | Stats]:
+    """Yield a Draft per step, a Block per finished block, then the Stats. Reuses `cache` when given.
+    trim_repeats: a block equal to the previous one is a loop (users report them): drop it and stop."""
     if len(prompt_ids) == 0 and cache is None:
         raise DgrunError("empty prompt")
     args = backend.args
@@ -121,7 +123,7 @@ def stream(backend, prompt_ids: list[int], cfg: SamplerConfig, eos_ids=(), pad_i
     backend.encode(prompt_ids, cache)
     stats = Stats(prompt_tokens=len(prompt_ids), prefill_seconds=time.perf_counter() - t0)
     rng = backend.rng(cfg.seed)
-    valid, passes = 0, 0
+    valid, passes, previous = 0, 0, None
     for b in range(math.ceil(cfg.max_new_tokens / args.canvas_length)):
         state = backend.start_block(rng, cfg)
         steps, converged = 0, False
@@ -134,6 +136,11 @@ def stream(backend, prompt_ids: list[int], cfg: SamplerConfig, eos_ids=(), pad_i
                 break
         passes += steps
         canvas = backend.tolist(state.argmax)
+        if trim_repeats and canvas == previous:
+            stats.steps_per_block.append(steps)
+            yield Block(b, [], steps, converged, False, repeated=True)
+            break
+        previous = canvas
         cut = first_eos(canvas, eos)
         kept = canvas if cut is None else canvas[: cut + 1]
         valid += sum(t != pad_id for t in kept)

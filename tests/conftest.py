@@ -20,7 +20,8 @@ def ckpt_b(tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp("b"), SHAPE_B, canvas_length=8, seed=1)
 
 
-GENERATION = dict(max_denoising_steps=24, t_min=0.3, t_max=0.9, sampler_config={"entropy_bound": 0.2},
+GENERATION = dict(max_denoising_steps=24, t_min=0.3, t_max=0.9,
+                  sampler_config={"_cls_name": "EntropyBoundSamplerConfig", "entropy_bound": 0.2},
                   stability_threshold=2, confidence_threshold=0.01)
 
 
@@ -64,3 +65,34 @@ def reference_draws(monkeypatch):
         return draw(probs, generator or torch.default_generator)
 
     monkeypatch.setattr(torch, "multinomial", multinomial)
+
+
+@pytest.fixture(scope="session")
+def ckpt_chat(tmp_path_factory):
+    """SHAPE_A with Gemma's turn tokens and a Gemma 4 style chat template (dgrun chat tests)."""
+    from gemma_vocab import TEMPLATE
+    from tiny import make_chat_tokenizer
+
+    path = make_checkpoint(tmp_path_factory.mktemp("chat"), SHAPE_A, canvas_length=16, seed=3)
+    make_chat_tokenizer(path, SHAPE_A["vocab_size"])
+    (path / "chat_template.jinja").write_text(TEMPLATE)
+    return path
+
+
+@pytest.fixture(scope="session")
+def gguf_chat(ckpt_chat, tmp_path_factory):
+    """ckpt_chat as a lone BF16 GGUF (weights, tokenizer and template all in the file)."""
+    from dgrun.convert.convert import convert
+
+    return convert(ckpt_chat, to="gguf-bf16", out=tmp_path_factory.mktemp("gguf") / "chat-BF16.gguf").path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core machine OpenMP spinning makes them slow."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -19,6 +19,11 @@ SHAPE_B = dict(vocab_size=96, hidden_size=48, intermediate_size=64, num_hidden_l
                num_key_value_heads=3, head_dim=8, global_head_dim=16, sliding_window=6, num_experts=6,
                top_k_experts=3, moe_intermediate_size=24,
                layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"])
+# Rows of 256 (the K-quant super-block) where llama-quantize picks K-quants, and rows of 128 and 96 where it
+# falls back (attn_output of sliding layers, ffn_down_exps), as the released 704-wide experts do.
+SHAPE_K = dict(vocab_size=256, hidden_size=256, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=32, global_head_dim=64, num_global_key_value_heads=1,
+               sliding_window=8, num_experts=4, top_k_experts=2, moe_intermediate_size=96)
 
 
 def randomize(model, seed: int = 0) -> None:
@@ -78,4 +83,26 @@ def make_tokenizer(path: Path, vocab_size: int) -> Path:
     assert tok.get_vocab_size() <= vocab_size
     tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
     tok.save(str(path / "tokenizer.json"))
+    return path
+
+
+# Gemma-style extras for the GGUF tokenizer tests: chat specials, an always-visible token, a byte token.
+CHAT_TEMPLATE = "{% for m in messages %}<|turn>{{ m['role'] }}\n{{ m['content'] }}<turn|>\n{% endfor %}"
+EXTRA_SPECIAL = ["<|turn>", "<turn|>"]
+EXTRA_TOKENS = ["<|channel>", "<0x0A>"]
+
+
+def make_chat_tokenizer(path: Path, vocab_size: int) -> Path:
+    """make_tokenizer plus Gemma's turn markers, tokenizer_config.json and chat_template.jinja."""
+    from tokenizers import Tokenizer
+
+    make_tokenizer(path, vocab_size - len(EXTRA_SPECIAL) - len(EXTRA_TOKENS))
+    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    tok.add_special_tokens(EXTRA_SPECIAL)
+    tok.add_tokens(EXTRA_TOKENS)
+    tok.save(str(path / "tokenizer.json"))
+    config = dict(bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
+                  additional_special_tokens=["<|turn>", "<turn|>"], add_eos_token=False)
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    (path / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     return path

@@ -20,6 +20,10 @@ EPILOG = """Examples:
   dgrun run -m ./my-checkpoint -p "def fib(n):" -n 64
 
   dgrun run -m model.gguf --ids "2,651,1378" --steps 16 --json
+
+  dgrun convert ./my-checkpoint --to gguf-q4
+
+  dgrun info model-Q4_K_M.gguf
 """
 
 app = typer.Typer(
@@ -48,6 +52,8 @@ def _root(version: Annotated[Optional[bool], typer.Option("--version", "-V", cal
 
 
 from dgrun.cli import run  # noqa: E402,F401  (registers its verb on `app`)
+from dgrun.cli import convert, info  # noqa: E402,F401
+from dgrun.cli import chat, pull  # noqa: E402,F401
 
 
 def fail(message: str, code: int = 1) -> int:
@@ -59,8 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: every error becomes one line on stderr; DGRUN_DEBUG=1 shows tracebacks."""
     debug = os.environ.get("DGRUN_DEBUG") == "1"
     try:
-        app(args=argv, prog_name="dgrun", standalone_mode=False)
-        return 0
+        code = app(args=argv, prog_name="dgrun", standalone_mode=False)
+        if code == 130:  # typer turns Ctrl-C inside a command into Exit(130) and returns its code
+            return fail("interrupted", 130)
+        return code if isinstance(code, int) else 0
     except typer.Exit as e:
         return e.exit_code
     except cx.NoArgsIsHelpError as e:

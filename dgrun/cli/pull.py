@@ -1,0 +1,24 @@
+"""`dgrun pull REPO[:QUANT]`: download a model from the hub into the Hugging Face cache, without running it."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from dgrun.cli import app
+from dgrun.errors import DgrunError
+
+
+@app.command(epilog="Examples: dgrun pull user/DiffusionGemma-GGUF:Q8_0 · dgrun pull google/diffusiongemma")
+def pull(
+    repo: Annotated[str, typer.Argument(help="user/repo (a checkpoint, or GGUF Q4_K_M) or user/repo:QUANT.")],
+):
+    """Download a checkpoint or one GGUF quant (reusing the cache) and print its local path."""
+    from dgrun import hub
+
+    if hub.parse(repo) is None:
+        raise DgrunError(f"pull takes user/repo[:QUANT], got {repo!r}")
+    path = hub.resolve(repo, progress=sys.stderr.isatty())
+    print(path)

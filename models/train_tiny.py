@@ -1,0 +1,168 @@
+"""Train dgrun's embedded default model: a tiny DiffusionGemma on the Python standard library's source.
+
+    python -m dgrun.models.train_tiny --out /tmp/tiny-dg --steps 1500      # then: dgrun convert ... --to gguf-q8
+
+The model is transformers' reference `DiffusionGemmaForBlockDiffusion` (dev extra), so its architecture is
+exactly DiffusionGemma's. The objective matches how it generates: the clean prefix goes through the causal
+encoder into the KV cache; the canvas is the next block with uniform-state corruption at a random rate;
+cross-entropy on every canvas position; on a random half of the batches a no-grad first pass feeds its
+logits (divided by a temperature drawn from the sampler's range) as self-conditioning to a second pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import random
+import sysconfig
+import time
+from pathlib import Path
+
+import torch
+
+SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<|turn>", "<turn|>"]  # Gemma's first ids, then its turn markers
+
+MODEL = dict(vocab_size=4096, hidden_size=256, intermediate_size=512, num_hidden_layers=6, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=64, global_head_dim=128, num_global_key_value_heads=1,
+             sliding_window=64, num_experts=8, top_k_experts=2, moe_intermediate_size=256,
+             pad_token_id=0, eos_token_id=1, bos_token_id=2)
+VISION = dict(model_type="gemma4_vision", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+              num_attention_heads=2, num_key_value_heads=2, head_dim=8)
+CANVAS = 32
+
+
+def corpus_files() -> tuple[list[Path], list[Path]]:
+    """The top-level modules of this interpreter's standard library (PSF license); every 10th held out."""
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+    held = [f for i, f in enumerate(files) if i % 10 == 0]
+    return [f for f in files if f not in held], held
+
+
+def train_tokenizer(files: list[Path], vocab_size: int, out: Path):
+    """A byte-fallback BPE in Gemma's style (▁ for spaces, <0xNN> byte tokens, no added prefix space)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.pre_tokenizer = pre_tokenizers.Split("\n", behavior="merged_with_previous")
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS + byte_tokens,
+                                  limit_alphabet=200, show_progress=False)
+    tok.train([str(f) for f in files], trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    tok.save(str(out / "tokenizer.json"))
+    return tok
+
+
+def token_stream(tok, files: list[Path]) -> torch.Tensor:
+    ids = []
+    for f in files:
+        ids += tok.encode(f.read_text(encoding="utf-8", errors="replace")).ids + [1]  # <bos> ... <eos> per file
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def batch(stream: torch.Tensor, size: int, prefix: int, gen: torch.Generator):
+    starts = torch.randint(0, len(stream) - prefix - CANVAS, (size,), generator=gen)
+    rows = torch.stack([stream[s:s + prefix + CANVAS] for s in starts.tolist()])
+    return rows[:, :prefix], rows[:, prefix:]
+
+
+def corrupt(clean: torch.Tensor, vocab: int, gen: torch.Generator) -> torch.Tensor:
+    """Uniform-state noise: each canvas token becomes a uniform random token with a per-row random rate."""
+    rate = torch.rand(clean.shape[0], 1, generator=gen)
+    noise = torch.randint(0, vocab, clean.shape, generator=gen)
+    return torch.where(torch.rand(clean.shape, generator=gen) < rate, noise, clean)
+
+
+def canvas_loss(model, prefix, canvas_in, target, self_cond: bool, gen: torch.Generator):
+    from transformers import DynamicCache
+
+    def forward(sc):
+        cache = DynamicCache(config=model.config.get_text_config(decoder=True))
+        return model(input_ids=prefix, decoder_input_ids=canvas_in, past_key_values=cache,
+                     self_conditioning_logits=sc).logits
+
+    sc = None
+    if self_cond:
+        with torch.no_grad():
+            temperature = 0.4 + 0.4 * torch.rand((), generator=gen).item()  # the sampler's t_min..t_max
+            sc = forward(None) / temperature
+    logits = forward(sc)
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
+
+
+@torch.no_grad()
+def held_out_loss(model, stream, gen_seed: int = 1234, batches: int = 4) -> float:
+    gen = torch.Generator().manual_seed(gen_seed)
+    model.eval()
+    losses = []
+    for _ in range(batches):
+        prefix, clean = batch(stream, 16, 64, gen)
+        losses.append(canvas_loss(model, prefix, corrupt(clean, MODEL["vocab_size"], gen), clean, False, gen).item())
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def main():
+    from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eval-every", type=int, default=100)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
+    random.seed(a.seed)
+    a.out.mkdir(parents=True, exist_ok=True)
+
+    train_files, held_files = corpus_files()
+    tok = train_tokenizer(train_files, MODEL["vocab_size"], a.out)
+    train, held = token_stream(tok, train_files), token_stream(tok, held_files)
+    digest = hashlib.sha256("".join(f.name for f in train_files + held_files).encode()).hexdigest()[:16]
+
+    cfg = DiffusionGemmaConfig(text_config=dict(MODEL), vision_config=dict(VISION), canvas_length=CANVAS)
+    model = DiffusionGemmaForBlockDiffusion(cfg).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.95), weight_decay=0.01)
+    gen = torch.Generator().manual_seed(a.seed)
+    log = {"command": f"python -m dgrun.models.train_tiny --out OUT --steps {a.steps} --batch {a.batch} "
+                      f"--lr {a.lr} --seed {a.seed}",
+           "data": {"stdlib": sysconfig.get_paths()["stdlib"], "train_files": len(train_files),
+                    "held_out_files": len(held_files), "file_list_sha256": digest,
+                    "train_tokens": len(train), "held_out_tokens": len(held)},
+           "params": sum(p.numel() for n, p in model.named_parameters() if "vision" not in n), "curve": []}
+    t0 = time.time()
+    for step in range(1, a.steps + 1):
+        lr = a.lr * min(1.0, step / 100) * 0.5 * (1 + math.cos(math.pi * step / a.steps))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        prefix, clean = batch(train, a.batch, random.choice([16, 32, 48, 64]), gen)
+        loss = canvas_loss(model, prefix, corrupt(clean, MODEL["vocab_size"], gen), clean,
+                           bool(torch.rand((), generator=gen) < 0.5), gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % a.eval_every == 0 or step == a.steps:
+            point = {"step": step, "train_loss": round(loss.item(), 4), "held_out_loss": round(held_out_loss(model, held), 4),
+                     "seconds": round(time.time() - t0, 1)}
+            log["curve"].append(point)
+            print(json.dumps(point), flush=True)
+            model.save_pretrained(a.out)
+            (a.out / "training_log.json").write_text(json.dumps(log, indent=1))
+    log["wall_seconds"] = round(time.time() - t0, 1)
+    (a.out / "training_log.json").write_text(json.dumps(log, indent=1))
+    (a.out / "generation_config.json").write_text(json.dumps({
+        "max_denoising_steps": 32, "t_min": 0.4, "t_max": 0.8, "sampler_config": {"entropy_bound": 0.1},
+        "stability_threshold": 1, "confidence_threshold": 0.005, "eos_token_id": [1, 5], "pad_token_id": 0}))
+
+
+if __name__ == "__main__":
+    main()
