@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -179,7 +179,8 @@ class Chat:
             raise DgrunError(f"cannot save the chat to {path} ({e})") from None
 
     def load(self, path) -> int:
-        """Replace the conversation with a saved one and encode it; returns the tokens encoded."""
+        """Replace the conversation (and its settings) with a saved one and encode it; returns the tokens
+        encoded."""
         try:
             data = json.loads(Path(path).expanduser().read_text(encoding="utf-8"))
             messages = data["messages"]
@@ -189,7 +190,10 @@ class Chat:
             raise DgrunError(f"cannot load a chat from {path} ({type(e).__name__}: {e})") from None
         if not ok:
             raise DgrunError(f"{path}: messages must be {{role: user|assistant, content: text}} objects")
+        knobs = dict(self.knobs, **(data.get("knobs") or {}))
+        self.model.defaults.update(**knobs)  # a hand-edited file may hold bad settings
         self.clear()
+        self.knobs = knobs
         self.system, self.history = data.get("system", self.system), messages
         if not messages:
             return 0
@@ -206,9 +210,3 @@ class Chat:
         return {"turns": len(self.turns), "context_tokens": self.cached_tokens, "encoded_prompt_tokens": new,
                 "stateless_prompt_tokens": full, "reused_tokens": sum(t.reused_tokens for t in self.turns),
                 "saved": 1 - new / full if full else 0.0}
-
-
-def turn_dict(st: TurnStats) -> dict:
-    d = asdict(st)
-    d.pop("gen")
-    return d

@@ -145,3 +145,8 @@ class GGUFFile:
     def get(self, key: str, default=None):
         f = self.fields.get(key)
         return default if f is None else f.value
+
+
+def read_metadata(path) -> dict:
+    """Every metadata key of a GGUF file with its plain value (lists for arrays), in file order."""
+    return {key: field.value for key, field in GGUFFile(path).fields.items()}

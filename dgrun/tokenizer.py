@@ -7,6 +7,7 @@ chat_template.jinja, chat_template.json or tokenizer_config.json in a directory)
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from dgrun.errors import DgrunError
@@ -38,7 +39,7 @@ class Tokenizer:
 
     @classmethod
     def from_gguf(cls, path: Path, meta: dict | None = None) -> "Tokenizer":
-        from dgrun.gguf_meta import read_metadata
+        from dgrun.gguf_file import read_metadata
         from dgrun.gguf_tokenizer import from_metadata
 
         meta = read_metadata(path) if meta is None else meta
@@ -124,9 +125,12 @@ def find(path: Path) -> Tokenizer | None:
     if path.is_dir() and (path / "tokenizer.json").is_file():
         return Tokenizer.from_file(path / "tokenizer.json")
     if is_gguf(path):
-        from dgrun.gguf_meta import read_metadata
+        from dgrun.gguf_file import read_metadata
 
         meta = read_metadata(path)
         if meta.get("tokenizer.ggml.tokens"):
-            return Tokenizer.from_gguf(path, meta)
+            try:
+                return Tokenizer.from_gguf(path, meta)
+            except DgrunError as e:  # token ids still work: say why text does not
+                print(f"dgrun: no tokenizer: {e}", file=sys.stderr)
     return None

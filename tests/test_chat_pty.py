@@ -12,7 +12,7 @@ import pytest
 
 pexpect = pytest.importorskip("pexpect")
 
-PROMPT = "\n> "
+PROMPT = r"\n(?:\x1b\[\?2004h)?> "  # readline may switch bracketed paste on
 STATS = r"context: (\d+) tokens.*?last turn: encoded (\d+) new tokens, reused (\d+) from the cache"
 
 

@@ -10,7 +10,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from dgrun.errors import DgrunError
-from dgrun.gguf_meta import read_metadata
+from dgrun.gguf_file import read_metadata
 from dgrun.gguf_tokenizer import tokenizer_json
 from dgrun.tokenizer import find
 from gemma_vocab import CORPUS, NOT_SPECIAL, PAST_BASE, SPECIAL, make_gemma_tokenizer, write_vocab_gguf
@@ -60,7 +60,8 @@ def test_round_trip_and_metadata(pair):
         if "▁" not in text:  # a literal ▁ decodes to a space, in Gemma's tokenizer.json too
             assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
     assert (tok.bos_token, tok.eos_token) == ("<bos>", "<eos>")
-    assert tok.chat_template and "<|turn>" in tok.chat_template and tok.template_source.endswith("tokenizer.chat_template)")
+    assert tok.chat_template and "<|turn>" in tok.chat_template
+    assert tok.template_source.endswith("(tokenizer.chat_template)")
     for t in SPECIAL + NOT_SPECIAL + PAST_BASE:
         assert tok.token_id(t) == src.token_to_id(t)
 
@@ -96,3 +97,13 @@ def test_metadata_reader_matches_gguf_py(pair):
     for key, field in ref.fields.items():
         if not key.startswith("GGUF."):
             assert mine[key] == field.contents(), key
+
+
+def test_dgrun_convert_keeps_the_tokenizer(gguf_chat, ckpt_chat):
+    """`dgrun convert` writes the same keys; a Metaspace-split BPE without byte tokens also comes back exact."""
+    src, tok = find(ckpt_chat), find(gguf_chat)
+    texts = TEXTS + ["<|turn>user\nhello world<turn|>\n<|turn>model\n"]
+    for text in texts:
+        assert tok.encode(text) == src.encode(text), text
+    ids = src.encode(" ".join(texts))
+    assert tok.decode(ids) == src.decode(ids) and tok.chat_template == src.chat_template

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import signal
 import sys
+from contextlib import nullcontext
 from typing import Annotated, Optional
 
 import typer
@@ -71,7 +72,12 @@ class Session:
         from rich.console import Console
 
         self.chat, self.interactive = chat, interactive
-        self.settings = {"visual": visual and interactive}
+        if interactive:
+            try:  # line editing and history for input()
+                import readline  # noqa: F401
+            except ImportError:  # pragma: no cover (Windows)
+                pass
+        self.settings = {"visual": visual}
         self.console = Console(highlight=False)
         self.commands = Commands(chat, self.say, self.settings)
 
@@ -118,13 +124,13 @@ class Session:
     def answer(self, line: str):
         steps = self.chat.model.defaults.update(**self.chat.knobs).steps
         view = None
-        if self.settings["visual"]:
+        if self.settings["visual"] and self.interactive:  # a live view would garble piped output
             from dgrun.cli.canvas_view import CanvasView
 
             view = CanvasView(self.chat.tok, steps, self.console)
         ids, shown, turn = [], "", None
         try:
-            with CtrlC() as ctrl_c, (view or _Nothing()):
+            with CtrlC() as ctrl_c, (view or nullcontext()):
                 for event in self.chat.send(line, interrupted=ctrl_c):
                     if isinstance(event, Draft):
                         if view is not None:
@@ -155,14 +161,6 @@ class Session:
             self.note(n)
 
 
-class _Nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def model_path(model: str | None, hf_repo: str | None):
     from dgrun import hub
 
@@ -175,14 +173,23 @@ def model_path(model: str | None, hf_repo: str | None):
     return hub.resolve(model)
 
 
+Model = Annotated[Optional[str], typer.Option("--model", "-m", help="Checkpoint dir, .gguf file or hub repo id.")]
+HfRepo = Annotated[Optional[str], typer.Option("--hf-repo", "-hf",
+                                               help="Hub GGUF repo: user/repo[:QUANT] (Q4_K_M by default).")]
+System = Annotated[Optional[str], typer.Option("--system", "-sys", help="System prompt.")]
+Template = Annotated[Optional[str], typer.Option("--chat-template", help="Jinja chat template FILE (overrides).")]
+Trim = Annotated[bool, typer.Option("--trim-repeats/--no-trim-repeats",
+                                    help="Drop a block that repeats the previous one.")]
+
+
 @app.command(epilog=EXAMPLE)
 def chat(
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Checkpoint dir, .gguf file or hub repo id.")] = None,
-    hf_repo: Annotated[Optional[str], typer.Option("--hf-repo", "-hf", help="Hub GGUF repo: user/repo[:QUANT] (Q4_K_M by default).")] = None,
-    system: Annotated[Optional[str], typer.Option("--system", "-sys", help="System prompt.")] = None,
-    chat_template: Annotated[Optional[str], typer.Option("--chat-template", help="Jinja chat template FILE (overrides the model's).")] = None,
+    model: Model = None,
+    hf_repo: HfRepo = None,
+    system: System = None,
+    chat_template: Template = None,
     visual: Annotated[bool, typer.Option("--visual", help="Show the canvas denoising live.")] = False,
-    trim_repeats: Annotated[bool, typer.Option("--trim-repeats/--no-trim-repeats", help="Drop a block that repeats the previous one.")] = True,
+    trim_repeats: Trim = True,
     n_predict: Annotated[int, typer.Option("--n-predict", "-n", help="max_new_tokens per answer.")] = 1024,
     steps: Annotated[Optional[int], typer.Option("--steps", help="Max denoising steps per block [48].")] = None,
     t_max: Annotated[Optional[float], typer.Option("--t-max", help="Temperature at the first step [0.8].")] = None,
@@ -210,6 +217,6 @@ def chat(
     if template.fallback:
         print("dgrun: the model has no chat template: using the Gemma 4 turn format", file=sys.stderr)
     if session.interactive:
-        session.say(f"dgrun chat · template: {template.source} · /help for commands, Ctrl-C stops an answer, "
-                    "Ctrl-D quits")
+        session.say(f"dgrun chat · template: {template.source}")
+        session.say("/help for commands · Ctrl-C stops an answer · Ctrl-D quits")
     session.run()

@@ -109,7 +109,8 @@ class Commands:
             try:
                 parsed = kind(value)
             except ValueError:
-                raise DgrunError(f"/set {key} takes {'an integer' if kind is int else 'a number'}, got {value!r}") from None
+                wanted = "an integer" if kind is int else "a number"
+                raise DgrunError(f"/set {key} takes {wanted}, got {value!r}") from None
             self.chat.model.defaults.update(**{**self.chat.knobs, knob: parsed})  # validates the value
             self.chat.knobs[knob] = parsed
             self.say(f"{knob} = {parsed}")
