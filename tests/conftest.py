@@ -87,7 +87,7 @@ def gguf_chat(ckpt_chat, tmp_path_factory):
     return convert(ckpt_chat, to="gguf-bf16", out=tmp_path_factory.mktemp("gguf") / "chat-BF16.gguf").path
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(autouse=True)
 def one_thread():
     """Tiny models gain nothing from threads, and on a shared 2-core machine OpenMP spinning makes them slow."""
     import torch
