@@ -15,6 +15,8 @@ from typing import Annotated, Optional
 import typer
 
 from dgrun.cli import app
+from dgrun.cli.options import (Backend, Confidence, Dtype, EntropyBound, Seed, Stability, Steps, TMax, TMin,
+                               sampler_knobs)
 from dgrun.cli.chat_commands import EXIT, Commands
 from dgrun.errors import DgrunError
 from dgrun.generate import Block, Draft, SamplerConfig
@@ -191,23 +193,22 @@ def chat(
     visual: Annotated[bool, typer.Option("--visual", help="Show the canvas denoising live.")] = False,
     trim_repeats: Trim = True,
     n_predict: Annotated[int, typer.Option("--n-predict", "-n", help="max_new_tokens per answer.")] = 1024,
-    steps: Annotated[Optional[int], typer.Option("--steps", help="Max denoising steps per block [48].")] = None,
-    t_max: Annotated[Optional[float], typer.Option("--t-max", help="Temperature at the first step [0.8].")] = None,
-    t_min: Annotated[Optional[float], typer.Option("--t-min", help="Temperature at the last step [0.4].")] = None,
-    entropy_bound: Annotated[Optional[float], typer.Option("--entropy-bound", help="Acceptance bound [0.1].")] = None,
-    stability: Annotated[Optional[int], typer.Option("--stability", help="stability_threshold [1].")] = None,
-    confidence: Annotated[Optional[float], typer.Option("--confidence", help="confidence_threshold [0.005].")] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", "-s", help="Random seed [0].")] = None,
-    backend: Annotated[str, typer.Option("--backend", help="auto | cpu")] = "auto",
-    dtype: Annotated[Optional[str], typer.Option("--dtype", help="float32 | bfloat16 (cpu default float32)")] = None,
+    steps: Steps = None,
+    t_max: TMax = None,
+    t_min: TMin = None,
+    entropy_bound: EntropyBound = None,
+    stability: Stability = None,
+    confidence: Confidence = None,
+    seed: Seed = None,
+    backend: Backend = "auto",
+    dtype: Dtype = None,
 ):
     """Chat with the model; the conversation stays in the KV cache between turns."""
     import dgrun
     from dgrun.chat import Chat
     from dgrun.chat_template import choose
 
-    knobs = dict(max_new_tokens=n_predict, steps=steps, t_max=t_max, t_min=t_min, entropy_bound=entropy_bound,
-                 stability_threshold=stability, confidence_threshold=confidence, seed=seed)
+    knobs = sampler_knobs(steps, t_max, t_min, entropy_bound, stability, confidence, seed, max_new_tokens=n_predict)
     knobs = {k: v for k, v in knobs.items() if v is not None}
     SamplerConfig().update(**knobs)  # reject bad values and files before the (slow) load
     override = choose(None, chat_template) if chat_template is not None else None

@@ -9,11 +9,12 @@ from typing import Annotated, Optional
 import typer
 
 from dgrun.cli import app
+from dgrun.cli.options import (Backend, Confidence, Dtype, EntropyBound, Seed, Stability, Steps, TMax, TMin,
+                               sampler_knobs)
 from dgrun.errors import DgrunError
 from dgrun.generate import SamplerConfig
 
 Model = Annotated[str, typer.Option("--model", "-m", help="HF checkpoint directory or .gguf file.")]
-Backend = Annotated[str, typer.Option("--backend", help="auto | cpu")]
 
 
 def parse_ids(text: str) -> list[int]:
@@ -37,15 +38,15 @@ def run(
     prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="Prompt text (needs the model's tokenizer).")] = None,
     ids: Annotated[Optional[str], typer.Option("--ids", help="Prompt as raw token ids: '2,651,1378'.")] = None,
     n_predict: Annotated[Optional[int], typer.Option("--n-predict", "-n", help="max_new_tokens [256]")] = None,
-    steps: Annotated[Optional[int], typer.Option("--steps", help="Max denoising steps per block [48].")] = None,
-    t_max: Annotated[Optional[float], typer.Option("--t-max", help="Temperature at the first step [0.8].")] = None,
-    t_min: Annotated[Optional[float], typer.Option("--t-min", help="Temperature at the last step [0.4].")] = None,
-    entropy_bound: Annotated[Optional[float], typer.Option("--entropy-bound", help="Acceptance bound [0.1].")] = None,
-    stability: Annotated[Optional[int], typer.Option("--stability", help="stability_threshold [1].")] = None,
-    confidence: Annotated[Optional[float], typer.Option("--confidence", help="confidence_threshold [0.005].")] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", "-s", help="Random seed [0].")] = None,
+    steps: Steps = None,
+    t_max: TMax = None,
+    t_min: TMin = None,
+    entropy_bound: EntropyBound = None,
+    stability: Stability = None,
+    confidence: Confidence = None,
+    seed: Seed = None,
     backend: Backend = "auto",
-    dtype: Annotated[Optional[str], typer.Option("--dtype", help="float32 | bfloat16 (cpu default float32)")] = None,
+    dtype: Dtype = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead.")] = False,
 ):
     """Generate from a prompt with block diffusion."""
@@ -53,8 +54,7 @@ def run(
 
     if (prompt is None) == (ids is None):
         raise DgrunError("give exactly one of -p/--prompt or --ids")
-    knobs = dict(max_new_tokens=n_predict, steps=steps, t_max=t_max, t_min=t_min, entropy_bound=entropy_bound,
-                 stability_threshold=stability, confidence_threshold=confidence, seed=seed)
+    knobs = sampler_knobs(steps, t_max, t_min, entropy_bound, stability, confidence, seed, max_new_tokens=n_predict)
     SamplerConfig().update(**knobs)  # reject bad values before the (slow) load
     source = prompt if prompt is not None else parse_ids(ids)
     m = dgrun.load(model, backend=backend, dtype=dtype)
