@@ -7,10 +7,8 @@ here: its fused kernels and its fallback (scores matmul, float32 softmax, matmul
 Metal, MLX 0.32 has no fused kernel for 256 queries at head dims 256 or 512, so the canvas takes the fallback.
 Both the bidirectional canvas (over cache + canvas) and the causal sliding encoder use one boolean mask.
 
-The KV cache has fixed-size slots so the compiled step keeps its shapes: a sliding layer is a ring of
-`sliding_window - 1` slots (the reference keeps exactly the last W-1 tokens), a full layer grows in chunks;
-each slot records its absolute position (-1 = empty), which is all the masks need. Keys are stored after
-RoPE, so slot order does not matter to attention.
+The KV cache (mlx_cache.py) has fixed-size slots, each holding its absolute position, so the step keeps its
+shapes and the masks need nothing else.
 
 A denoising step (decoder + sampler) is one function of arrays, `mx.compile`d on Metal (see compile_enabled):
 no host read inside it (MLX raises if a compiled function tries). The loop's `done()` is the one host sync
@@ -21,13 +19,14 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
 import torch
 
 from dgrun.backends import mlx_sampler
+from dgrun.backends.mlx_cache import MlxCache
 from dgrun.backends.mlx_weights import DTYPES, QLinear, as_numpy, default_dtype, prepare
 from dgrun.convert.mlx_policy import policy_for
 from dgrun.errors import DgrunError
@@ -35,14 +34,6 @@ from dgrun.models.diffusion_gemma import ModelArgs, rope_inv_freq
 
 ENCODE_CHUNK = 512  # prompt tokens per encoder pass: bounds the (chunk x context) score matrices
 QUANTIZE_AT_LOAD = {"q4": "mlx-q4", "q8": "mlx-q8"}
-
-
-@dataclass
-class MlxCache:
-    keys: list = field(default_factory=list)  # per layer (1, kv_heads, slots, head_dim), post-RoPE
-    values: list = field(default_factory=list)
-    pos: list = field(default_factory=list)  # per layer (slots,) int32 absolute positions, -1 = empty
-    length: int = 0  # committed tokens
 
 
 @dataclass
@@ -108,7 +99,6 @@ class MlxBackend:
         self.w = prepare(weights, self.dtype, policy)
         self.inv_freq = [mx.array(rope_inv_freq(s).numpy()) for s in self.specs]
         self.embed_scale = mx.array(args.embed_scale, dtype=self.dtype)
-        self.slots = max(args.sliding_window - 1, 1)  # a ring of one slot never holds a valid position if W=1
         self.chunk = 8 * args.canvas_length  # full-layer cache growth: the compiled step retraces only then
         self.compiled = compile_enabled()
         jit = mx.compile if self.compiled else (lambda f: f)
@@ -120,14 +110,7 @@ class MlxBackend:
     # --- the Backend protocol -------------------------------------------------------------------
 
     def new_cache(self) -> MlxCache:
-        cache = MlxCache()
-        for spec in self.specs:
-            slots = self.slots if spec.sliding else self.chunk
-            shape = (1, spec.n_kv_heads, slots, spec.head_dim)
-            cache.keys.append(mx.zeros(shape, dtype=self.dtype))
-            cache.values.append(mx.zeros(shape, dtype=self.dtype))
-            cache.pos.append(mx.full((slots,), -1, dtype=mx.int32))
-        return cache
+        return MlxCache.empty(self.specs, self.args.sliding_window, self.chunk, self.dtype)
 
     def rng(self, seed: int) -> MlxRng:
         return MlxRng(mx.random.key(int(seed)))
@@ -234,7 +217,7 @@ class MlxBackend:
     def _encode_chunk(self, ids: mx.array, cache: MlxCache) -> None:
         n = ids.shape[1]
         positions = mx.arange(cache.length, cache.length + n, dtype=mx.int32)
-        self._reserve(cache, cache.length + n)
+        cache.reserve(cache.length + n)
         x = self._embed(ids)
         last = len(self.specs) - 1
         for i in range(len(self.specs)):
@@ -321,7 +304,7 @@ class MlxBackend:
         k, v = self._kv(i, h, positions)
         keys, values = mx.concatenate([cache.keys[i], k], axis=2), mx.concatenate([cache.values[i], v], axis=2)
         kpos = mx.concatenate([cache.pos[i], positions])
-        self._write(i, cache, k, v, positions)
+        cache.write(i, k, v, positions)
         if kv_only:
             return None
         delta = positions[:, None] - kpos[None, :]
@@ -329,29 +312,3 @@ class MlxBackend:
         if self.specs[i].sliding:
             mask = mask & (delta < self.args.sliding_window)
         return self._attend(i, self._q(i, h, positions), keys, values, mask[None, None])
-
-    # --- the cache ------------------------------------------------------------------------------
-
-    def _reserve(self, cache: MlxCache, length: int) -> None:
-        """Grow the full layers' slots to hold `length` tokens, a chunk at a time."""
-        for i, spec in enumerate(self.specs):
-            have = cache.pos[i].shape[0]
-            if spec.sliding or have >= length:
-                continue
-            extra = math.ceil((length - have) / self.chunk) * self.chunk
-            pad = mx.zeros((1, spec.n_kv_heads, extra, spec.head_dim), dtype=self.dtype)
-            cache.keys[i] = mx.concatenate([cache.keys[i], pad], axis=2)
-            cache.values[i] = mx.concatenate([cache.values[i], pad], axis=2)
-            cache.pos[i] = mx.concatenate([cache.pos[i], mx.full((extra,), -1, dtype=mx.int32)])
-
-    def _write(self, i, cache: MlxCache, k, v, positions) -> None:
-        n = positions.shape[0]
-        if self.specs[i].sliding:  # the last W-1 tokens, each in slot position % (W-1)
-            keep = min(n, self.slots)
-            slots = positions[n - keep:] % self.slots
-            k, v, positions = k[:, :, n - keep:], v[:, :, n - keep:], positions[n - keep:]
-        else:
-            slots = mx.arange(cache.length, cache.length + n, dtype=mx.int32)
-        cache.keys[i][:, :, slots] = k
-        cache.values[i][:, :, slots] = v
-        cache.pos[i][slots] = positions

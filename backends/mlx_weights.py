@@ -77,10 +77,11 @@ def convert(name: str, value, dtype, policy: Policy | None):
 
 
 def prepare(weights: dict, dtype, policy: Policy | None = None) -> dict:
-    """Every tensor converted, evaluated one at a time so the source copy can be dropped as we go."""
+    """Every tensor converted and evaluated one at a time. Entries are popped from `weights` as they are
+    converted, so a loaded checkpoint is never held twice (pass a copy of the dict to keep yours)."""
     out = {}
-    for name, value in weights.items():
-        out[name] = convert(name, value, dtype, policy)
+    for name in list(weights):
+        out[name] = convert(name, weights.pop(name), dtype, policy)
         leaf = out[name]
         mx.eval(*(leaf.w, leaf.scales, leaf.biases) if isinstance(leaf, QLinear) else (leaf,))
     return out
@@ -90,30 +91,6 @@ def default_dtype(weights: dict) -> str:
     """float32 when the checkpoint stores its embedding in float32, else bfloat16 (quantized or bf16 files)."""
     e = weights.get("token_embd.weight")
     return "float32" if isinstance(e, torch.Tensor) and e.dtype == torch.float32 else "bfloat16"
-
-
-def exact_note(dtype) -> str:
-    """Where the GGUF mapping stays bit-exact: scales d*sc need up to 17 bits."""
-    if dtype == mx.float32:
-        return "exact"
-    if dtype == mx.float16:
-        return "exact for Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 (fp16 scales); K-quant sub-block scales rounded to fp16"
-    return "scales rounded to bf16 (8-bit mantissa)"
-
-
-def nbytes(leaf) -> int:
-    if isinstance(leaf, QLinear):
-        return leaf.w.nbytes + leaf.scales.nbytes + leaf.biases.nbytes
-    return leaf.nbytes
-
-
-def describe(w: dict) -> str:
-    """`8-bit g64: 12 tensors, 4-bit g64: 60 tensors, float: 200 tensors` for the load notice."""
-    counts = {}
-    for leaf in w.values():
-        key = f"{leaf.bits}-bit g{leaf.group_size}" if isinstance(leaf, QLinear) else "float"
-        counts[key] = counts.get(key, 0) + 1
-    return ", ".join(f"{k}: {n}" for k, n in sorted(counts.items()))
 
 
 def as_numpy(x) -> np.ndarray:

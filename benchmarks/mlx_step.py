@@ -4,12 +4,17 @@ A step is what the block loop pays between two decoder inputs: decoder forward o
 the prompt's cache), temperature, categorical draw, entropy-bound acceptance, renoise, the stop rule, and the
 host read of the stop flag. Same random mid-size weights for every engine (bf16/q4 via `convert --to mlx-*`).
 
-mlx-vlm's step is composed from its own functions as its stream_diffusion_generate composes them with
-`diffusion_sampler="entropy-bound"` (mlx_vlm/generate/diffusion.py); its host syncs per step are the
-`.item()` calls of that loop: one in `_diffusion_stable_and_confident` per history entry, one more when stable.
+Host syncs per step: dgrun reads one flag (`done`); the step itself traces under mx.compile, which forbids
+host reads (tests/test_mlx.py). mlx-vlm's step is composed from its own functions as its
+stream_diffusion_generate composes them with `diffusion_sampler="entropy-bound"`
+(mlx_vlm/generate/diffusion.py); its syncs are the `.item()` calls of `_diffusion_stable_and_confident`, one
+per history entry once the history is full, one more when the canvas is stable.
+
+On Linux, mlx[cpu] links the reference (netlib) BLAS, and MLX's CPU quantized matmul in bf16 is scalar code:
+these timings say nothing about Metal. They compare engines that share MLX's kernels (dgrun vs mlx-vlm).
 
     python benchmarks/mlx_step.py                      # mlx[cpu] on Linux, or Metal on a Mac
-    /path/to/venv-with-mlx-vlm/bin/python benchmarks/mlx_step.py
+    /path/to/venv-with-mlx-vlm/bin/python benchmarks/mlx_step.py [--bf16-q4]
 """
 
 from __future__ import annotations
@@ -48,33 +53,22 @@ def dgrun_step_fn(backend, prompt, cfg):
     return step
 
 
-def async_check(backend, prompt, cfg) -> tuple[float, float]:
-    """(ms in step(), ms in done()): step() only queues work when nothing inside it reads the host."""
-    cache = backend.new_cache()
-    backend.encode(prompt, cache)
-    rng = backend.rng(0)
-    s = backend.start_block(rng, cfg)
-    s = backend.step(s, cache, 0.7, cfg, rng)
-    backend.done(s)
-    t0 = time.perf_counter()
-    s = backend.step(s, cache, 0.7, cfg, rng)
-    t1 = time.perf_counter()
-    backend.done(s)
-    return (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3
-
-
-def vlm_step_fn(path, prompt, cfg, compiled: bool):
+def vlm_step_fn(path, prompt, cfg, float32: bool):
+    from mlx.utils import tree_map
     from mlx_vlm.generate import diffusion as D
     from mlx_vlm.utils import load_model
 
     model = load_model(Path(path))
+    if float32:  # every float parameter, quantization scales included
+        model.update(tree_map(lambda x: x.astype(mx.float32) if mx.issubdtype(x.dtype, mx.floating) else x,
+                              model.parameters()))
     cache = model.diffusion_prefill_cache(mx.array([prompt]), attention_mask=None, cache=model.make_cache(),
                                           pixel_values=None, mm_token_type_ids=None, prefill_step_size=None,
                                           chunk_prefill=False)
     c, v = model.config.canvas_length, model.config.text_config.vocab_size
     s = {"canvas": mx.random.randint(0, v, (1, c)), "sc": None, "history": []}
     masks = model.diffusion_decoder_masks(s["canvas"], cache, None)
-    without_sc, with_sc = D._make_diffusion_decoder_logits_fns(model, cache, masks, compile_graph=compiled)
+    without_sc, with_sc = D._make_diffusion_decoder_logits_fns(model, cache, masks, compile_graph=False)
     context = model.diffusion_prepare_self_conditioning()
     t = temperature(cfg.steps - 1, cfg)
     stop = {"stability_threshold": cfg.stability_threshold, "confidence_threshold": cfg.confidence_threshold}
@@ -97,11 +91,12 @@ def vlm_step_fn(path, prompt, cfg, compiled: bool):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--vocab", type=int, default=32768)
+    ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--canvas", type=int, default=64)
     ap.add_argument("--prompt", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=5, help="timed steps per engine")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per engine")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--bf16-q4", action="store_true", help="also q4 with bf16 compute (minutes on MLX's CPU)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     cfg = SamplerConfig(confidence_threshold=1e-9)  # never stop: every timed step is a full step
@@ -113,42 +108,47 @@ def main():
         q4 = convert_mlx(path, to="mlx-q4", out=Path(d) / "q4").path
         ckpt = dgrun.checkpoint.load(path)
         engines = {"dgrun cpu fp32": dgrun.load(path, backend="cpu").backend,
-                   "dgrun mlx fp32": MlxBackend(ckpt.args, ckpt.weights, dtype="float32"),
-                   "dgrun mlx bf16 (mlx-bf16 dir)": dgrun.load(bf16, backend="mlx").backend,
-                   "dgrun mlx q4 (mlx-q4 dir)": dgrun.load(q4, backend="mlx").backend}
+                   "dgrun mlx fp32": MlxBackend(ckpt.args, dict(ckpt.weights), dtype="float32")}
         os.environ["DGRUN_MLX_COMPILE"] = "1"  # what Metal runs; on the CPU device it first builds C++ kernels
-        engines["dgrun mlx q4, mx.compile"] = dgrun.load(q4, backend="mlx").backend
+        engines["dgrun mlx fp32, mx.compile"] = MlxBackend(ckpt.args, dict(ckpt.weights), dtype="float32")
+        del os.environ["DGRUN_MLX_COMPILE"]
+        engines["dgrun mlx fp32 (mlx-bf16 dir)"] = dgrun.load(bf16, backend="mlx", dtype="float32").backend
+        engines["dgrun mlx bf16 (mlx-bf16 dir)"] = dgrun.load(bf16, backend="mlx").backend
+        engines["dgrun mlx q4 (mlx-q4 dir), fp32"] = dgrun.load(q4, backend="mlx", dtype="float32").backend
+        if a.bf16_q4:
+            engines["dgrun mlx q4 (mlx-q4 dir), bf16"] = dgrun.load(q4, backend="mlx").backend
+        print(f"config: hidden 512, 8 layers, 32 experts top-4, vocab {a.vocab}, canvas {a.canvas}, "
+              f"prompt {a.prompt}; device {mx.default_device()}, torch threads {a.threads}")
+        print(f"{'engine':40s} {'ms/step':>9s} {'vs cpu':>7s} {'syncs/step':>10s}", flush=True)
         for name, backend in engines.items():
             step = dgrun_step_fn(backend, prompt, cfg)
             t0 = time.perf_counter()
             step()  # warm-up: traces (and, compiled on CPU, builds the fused kernels)
             first = time.perf_counter() - t0
             ms = min(time_steps(step, a.steps, warmup=1) for _ in range(2)) * 1e3
-            note = f"first step {first:.1f} s" if "compile" in name else ""
-            if backend.name == "mlx":  # one read per step (done) when step() only queues work
-                queued, waited = async_check(backend, prompt, cfg)
-                note += f"{', ' if note else ''}step() returns in {queued:.1f} ms, done() waits {waited:.0f} ms"
-            rows.append((name, ms, "1", note))
+            report(rows, (name, ms, "1", f"first step {first:.1f} s" if "compile" in name else ""))
         try:
             import mlx_vlm  # noqa: F401
         except ImportError as e:
-            rows.append(("mlx-vlm", None, None, f"not importable: {e}"))
-        else:
-            for label, src in (("bf16", bf16), ("q4", q4)):
-                step, syncs = vlm_step_fn(src, prompt, cfg, compiled=False)  # its default: eager decoder
-                step()
-                ms = min(time_steps(step, a.steps, warmup=1) for _ in range(2)) * 1e3
-                rows.append((f"mlx-vlm {label} (same dir)", ms, f">={syncs[0] / (2 * a.steps + 3):.0f}",
-                             "its entropy-bound step, eager as it runs by default"))
-    base = rows[0][1]
-    print(f"config: hidden 512, 8 layers, 32 experts top-4, vocab {a.vocab}, canvas {a.canvas}, prompt {a.prompt}; "
-          f"device {mx.default_device()}, torch threads {a.threads}")
-    print(f"{'engine':40s} {'ms/step':>9s} {'vs cpu':>7s} {'syncs/step':>10s}")
-    for name, ms, syncs, note in rows:
-        if ms is None:
-            print(f"{name:40s} {'-':>9s} {'-':>7s} {'-':>10s}  {note}")
-        else:
-            print(f"{name:40s} {ms:9.1f} {base / ms:6.2f}x {syncs:>10s}  {note}")
+            report(rows, ("mlx-vlm", None, None, f"not importable: {e}"))
+            return
+        # Its bf16 experts need gather_mm, which MLX's CPU device runs in float32 only: on CPU, cast to float32.
+        runs = [("fp32 (mlx-bf16 dir)", bf16, True), ("q4 (mlx-q4 dir), fp32", q4, True)]
+        for label, src, f32 in runs + ([("q4 (mlx-q4 dir), bf16", q4, False)] if a.bf16_q4 else []):
+            step, syncs = vlm_step_fn(src, prompt, cfg, float32=f32)
+            step()
+            ms = min(time_steps(step, a.steps, warmup=1) for _ in range(2)) * 1e3
+            report(rows, (f"mlx-vlm {label}", ms, f">={syncs[0] / (2 * a.steps + 3):.0f}",
+                          "its entropy-bound step, eager (its default)"))
+
+
+def report(rows: list, row: tuple) -> None:
+    rows.append(row)
+    name, ms, syncs, note = row
+    if ms is None:
+        print(f"{name:40s} {'-':>9s} {'-':>7s} {'-':>10s}  {note}", flush=True)
+    else:
+        print(f"{name:40s} {ms:9.1f} {rows[0][1] / ms:6.2f}x {syncs:>10s}  {note}", flush=True)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@ one at a time in float32, + generation config + tokenizer files to copy.
 
 HF directories are read lazily by header (helper functions of dgrun.checkpoint); GGUF files are memory-mapped,
 their packed types dequantized tensor by tensor (so a GGUF source is requantized, not mapped); MLX directories
-are read whole. GGUF has no config.json, so one is written from its ModelArgs.
+are read whole. A GGUF has no config.json or tokenizer files: they are written from its ModelArgs, sampler
+defaults and tokenizer metadata.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import torch
 
 from dgrun.checkpoint import LazyTensor, open_hf_dir, read_json
 from dgrun.convert.affine import AffineTensor
-from dgrun.errors import DgrunError
 from dgrun.models.diffusion_gemma import ModelArgs
 from dgrun.qtensor import QTensor
 
@@ -33,6 +33,7 @@ class Source:
     generation: dict | None  # generation_config.json to write (GGUF sampler defaults); directories copy theirs
     tensors: dict[str, tuple[tuple[int, ...], Callable[[], torch.Tensor]]]  # flat name -> (shape, read)
     files: list[Path]  # tokenizer / processor / template files to copy
+    written: dict[str, str] = dataclasses.field(default_factory=dict)  # file name -> text (from a GGUF)
 
 
 def _reader(value) -> Callable[[], torch.Tensor]:
@@ -72,6 +73,23 @@ def generation_from_defaults(defaults: dict, args: ModelArgs) -> dict:
     return gen
 
 
+def gguf_tokenizer_files(src: Path) -> dict[str, str]:
+    """tokenizer.json, tokenizer_config.json and chat_template.jinja rebuilt from a GGUF's tokenizer."""
+    import json
+
+    from dgrun.tokenizer import find
+
+    tok = find(src)
+    if tok is None:
+        print(f"dgrun: warning: {src.name} holds no tokenizer: the output can only take token ids", file=sys.stderr)
+        return {}
+    files = {"tokenizer.json": tok.tok.to_str(),
+             "tokenizer_config.json": json.dumps({"bos_token": tok.bos_token, "eos_token": tok.eos_token}, indent=2)}
+    if tok.chat_template:
+        files["chat_template.jinja"] = tok.chat_template
+    return files
+
+
 def open_source(src: Path) -> Source:
     from dgrun.checkpoint import load
     from dgrun.mlx_io import is_mlx_dir
@@ -82,10 +100,8 @@ def open_source(src: Path) -> Source:
         ckpt = load(src)
     tensors = {name: (tuple(v.shape), _reader(v)) for name, v in ckpt.weights.items()}
     if not src.is_dir():
-        print(f"dgrun: note: {src.name} has no tokenizer.json / chat template files to copy; add them to the "
-              "output directory for text prompts", file=sys.stderr)
         return Source(ckpt.args, config_from_args(ckpt.args), generation_from_defaults(ckpt.defaults, ckpt.args),
-                      tensors, [])
+                      tensors, [], gguf_tokenizer_files(src))
     config = read_json(src / "config.json")
     for key in ("quantization", "quantization_config"):
         config.pop(key, None)

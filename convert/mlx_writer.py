@@ -150,6 +150,8 @@ def convert_mlx(src, to: str = "mlx-q4", out=None, q_group_size: int | None = No
             (tmp / "generation_config.json").write_text(json.dumps(source.generation, indent=2))
         for f in source.files:
             shutil.copy2(f, tmp / f.name)
+        for name, text in source.written.items():
+            (tmp / name).write_text(text)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

@@ -24,12 +24,13 @@ def inputs(vocab, prompt_len, canvas_len, seed=1):
     return torch.randint(0, vocab, (prompt_len,), generator=g), torch.randint(0, vocab, (canvas_len,), generator=g)
 
 
-def three_steps(m, prompt, canvas, sc):
-    """Logits of step 1, a step self-conditioned on `sc`, and step 1 of a second block after a commit."""
+def three_steps(m, prompt, canvas, sc, block=None):
+    """Logits of step 1, a step self-conditioned on `sc`, and step 1 of a second block after committing `block`
+    (default: this model's argmax of the second step)."""
     c = m.new_cache()
     m.encode(prompt.tolist(), c)
     out = [m.denoise(canvas, c), m.denoise(canvas, c, sc)]
-    m.encode(out[1].argmax(-1).tolist(), c)
+    m.encode((out[1].argmax(-1) if block is None else block).tolist(), c)
     return out + [m.denoise(canvas, c)]
 
 
@@ -70,18 +71,24 @@ def test_chunked_encode_and_cache_growth(pair_a):
 
 
 def test_bf16_error_is_bf16_sized(ckpt_bf16):
-    """As test_parity's bf16 bound: mlx-bf16's RMS error against fp32 is within 1.5x the cpu backend's bf16
-    error (MLX rounds in other places than torch: rms_norm, SDPA scores, the expert sum). Measured <= 1.2x."""
+    """mlx-bf16's RMS error against fp32 is within 1.5x the cpu backend's bf16 error (MLX rounds in other places
+    than torch: rms_norm, SDPA scores, the expert sum). bf16 errors on random weights vary 3x from one input to
+    the next, so the bound is on the sum over 3 prompts x 3 steps, every input the fp32 run's. Measured 0.85-1.2x."""
     exact, cpu16 = dgrun.load(ckpt_bf16, backend="cpu"), dgrun.load(ckpt_bf16, backend="cpu", dtype="bfloat16")
     m16 = dgrun.load(ckpt_bf16, backend="mlx")
     assert m16.backend.dtype == mx.bfloat16  # a bf16 checkpoint computes in bf16 by default
-    prompt, canvas = inputs(exact.args.vocab_size, 20, exact.args.canvas_length)
-    c = exact.new_cache()
-    exact.encode(prompt.tolist(), c)
-    sc = exact.denoise(canvas, c) / 0.7
     rms = lambda a, b: (a - b).pow(2).mean().sqrt().item()  # noqa: E731
-    for ref, theirs, ours in zip(*(three_steps(x, prompt, canvas, sc) for x in (exact, cpu16, m16))):
-        assert rms(ours, ref) <= 1.5 * rms(theirs, ref)
+    ours = theirs = 0.0
+    for seed in (1, 2, 3):
+        prompt, canvas = inputs(exact.args.vocab_size, 20, exact.args.canvas_length, seed=seed)
+        c = exact.new_cache()
+        exact.encode(prompt.tolist(), c)
+        sc = exact.denoise(canvas, c) / 0.7
+        block = exact.denoise(canvas, c, sc).argmax(-1)
+        ref, t16, m = (three_steps(x, prompt, canvas, sc, block) for x in (exact, cpu16, m16))
+        ours += sum(rms(a, b) for a, b in zip(m, ref))
+        theirs += sum(rms(a, b) for a, b in zip(t16, ref))
+    assert ours <= 1.5 * theirs
 
 
 # --- the sampler ----------------------------------------------------------------------------------------

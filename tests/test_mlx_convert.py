@@ -28,7 +28,8 @@ def tensors(path):
     for f in sorted(path.glob("*.safetensors")):
         with safe_open(f, framework="pt") as st:
             assert st.metadata() == {"format": "mlx"}
-            out.update({k: (f.name, st.get_slice(k).get_dtype(), tuple(st.get_slice(k).get_shape())) for k in st.keys()})
+            for k in st.keys():
+                out[k] = (f.name, st.get_slice(k).get_dtype(), tuple(st.get_slice(k).get_shape()))
     return out
 
 
@@ -74,12 +75,25 @@ def test_run_from_mlx_directory(mlx_q4, capsys):
     assert runs[0] == runs[1]
 
 
-def test_run_from_gguf(ckpt_bf16, tmp_path, capsys):
+def test_run_from_gguf_and_convert_it(ckpt_bf16, tmp_path, capsys):
     gguf = tmp_path / "m-Q8_0.gguf"
     assert cli(capsys, "convert", ckpt_bf16, "--to", "gguf-q8", "-o", gguf)[0] == 0
     rc, out, _ = cli(capsys, "run", "-m", gguf, "--backend", "mlx", "--ids", "2,5,9", "-n", "16", "--steps", "3",
                      "--json")
     assert rc == 0 and len(json.loads(out)["ids"]) <= 16
+    # GGUF -> MLX: config.json, generation_config.json and the tokenizer are rebuilt from the GGUF's metadata.
+    assert cli(capsys, "convert", gguf, "--to", "mlx-q4", "-o", tmp_path / "from-gguf")[0] == 0
+    out = tmp_path / "from-gguf"
+    gen = json.loads((out / "generation_config.json").read_text())
+    assert gen["max_denoising_steps"] == 24 and gen["sampler_config"] == {"entropy_bound": 0.2}
+    rc, text, _ = cli(capsys, "run", "-m", out, "--backend", "mlx", "-p", "def add(a, b):", "-n", "8", "--steps", "2")
+    assert rc == 0 and text.strip()
+
+
+def test_quantize_at_load_from_the_cli(ckpt_a, capsys):
+    rc, out, _ = cli(capsys, "run", "-m", ckpt_a, "--backend", "mlx", "--dtype", "q4", "--ids", "2,5,9", "-n", "8",
+                     "--steps", "2", "--json")
+    assert rc == 0 and json.loads(out)["ids"]
 
 
 def test_q8_bf16_and_shards(ckpt_a, tmp_path):
