@@ -77,7 +77,8 @@ class Model:
 
 def load(path, backend: str = "auto", dtype: str | None = None) -> Model:
     """Load an HF checkpoint directory or a GGUF file (its tokenizer comes from the file), or a hub repo
-    id `user/repo[:QUANT]`. backend: "auto" | "cpu"; dtype: "float32" | "bfloat16"."""
+    id `user/repo[:QUANT]`. backend: "auto" | "cpu" | "mlx"; dtype: "float32" | "bfloat16" (mlx also
+    "float16", "q4", "q8": quantize at load)."""
     from dgrun import hub
 
     if hub.is_repo_id(str(path)):

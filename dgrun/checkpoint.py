@@ -44,6 +44,19 @@ def generation_defaults(gen: dict) -> dict:
     return out
 
 
+def read_generation_config(path: Path, args: ModelArgs) -> dict:
+    """A directory's `generation_config.json`: sampler defaults, and its EOS / pad ids into `args`."""
+    if not (path / "generation_config.json").is_file():
+        return {}
+    gen = read_json(path / "generation_config.json")
+    if gen.get("eos_token_id") is not None:
+        eos = gen["eos_token_id"]
+        args.eos_token_id = [eos] if isinstance(eos, int) else list(eos)
+    if gen.get("pad_token_id") is not None:
+        args.pad_token_id = gen["pad_token_id"]
+    return generation_defaults(gen)
+
+
 def sanitize(weights: dict, args: ModelArgs) -> dict:
     """HF names -> flat-dict names; drop what dgrun does not use; check every needed tensor and its shape."""
     out, vision = {}, False
@@ -102,15 +115,7 @@ def open_hf_dir(path: Path) -> Checkpoint:
                     refs[name] = LazyTensor(f, name, tuple(part.get_shape()), part.get_dtype())
     except (SafetensorError, OSError) as e:
         raise DgrunError(f"{f}: cannot read safetensors ({e})") from e
-    defaults = {}
-    if (path / "generation_config.json").is_file():
-        gen = read_json(path / "generation_config.json")
-        defaults = generation_defaults(gen)
-        if gen.get("eos_token_id") is not None:
-            eos = gen["eos_token_id"]
-            args.eos_token_id = [eos] if isinstance(eos, int) else list(eos)
-        if gen.get("pad_token_id") is not None:
-            args.pad_token_id = gen["pad_token_id"]
+    defaults = read_generation_config(path, args)
     return Checkpoint(args, sanitize(refs, args), defaults, path)
 
 

@@ -54,9 +54,36 @@ def _gguf(path: Path) -> dict:
     return _summary("gguf", path, args, params, len(reader.tensors), types, meta, sampler_defaults(reader))
 
 
+def _mlx(path: Path) -> dict:
+    """An MLX-format directory: sizes from the safetensors headers (packed words, scales, biases as stored)."""
+    from safetensors import safe_open
+
+    from dgrun.checkpoint import read_generation_config, read_json
+    from dgrun.models.diffusion_gemma import n_params
+
+    args = ModelArgs.from_config(read_json(path / "config.json"))
+    types, n = {}, 0
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(f, framework="numpy") as st:
+            for name in st.keys():
+                part = st.get_slice(name)
+                row = types.setdefault(part.get_dtype(), {"tensors": 0, "bytes": 0})
+                row["tensors"] += 1
+                row["bytes"] += math.prod(part.get_shape()) * ST_ITEMSIZE.get(part.get_dtype(), 1)
+                n += 1
+    q = read_json(path / "config.json").get("quantization") or {}
+    overrides = sum(isinstance(v, dict) for v in q.values())
+    meta = {"quantization": f"{q.get('bits')}-bit, group {q.get('group_size')}; {overrides} matrices overridden",
+            "tokenizer": "tokenizer.json" if (path / "tokenizer.json").is_file() else None}
+    return _summary("mlx", path, args, n_params(args), n, types, meta, read_generation_config(path, args))
+
+
 def _hf(path: Path) -> dict:
     from dgrun.checkpoint import open_hf_dir
+    from dgrun.mlx_io import is_mlx_dir
 
+    if is_mlx_dir(path):
+        return _mlx(path)
     ckpt = open_hf_dir(path)
     types, params = {}, 0
     for ref in ckpt.weights.values():

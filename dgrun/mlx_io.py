@@ -12,7 +12,7 @@ import re
 import sys
 from pathlib import Path
 
-from dgrun.checkpoint import Checkpoint, check_shapes, generation_defaults, read_json
+from dgrun.checkpoint import Checkpoint, check_shapes, read_generation_config, read_json
 from dgrun.convert.affine import AffineTensor, check_params
 from dgrun.errors import DgrunError
 from dgrun.models.diffusion_gemma import HF_TO_GGUF, HF_VISION, ModelArgs, expected_shapes, hf_to_gguf_name
@@ -136,13 +136,5 @@ def load_mlx_dir(path: Path) -> Checkpoint:
         check_shapes(weights, args)
     except DgrunError as e:
         raise DgrunError(f"{path}: {e}") from None
-    defaults = {}
-    if (path / "generation_config.json").is_file():
-        gen = read_json(path / "generation_config.json")
-        defaults = generation_defaults(gen)
-        if gen.get("eos_token_id") is not None:
-            eos = gen["eos_token_id"]
-            args.eos_token_id = [eos] if isinstance(eos, int) else list(eos)
-        if gen.get("pad_token_id") is not None:
-            args.pad_token_id = gen["pad_token_id"]
+    defaults = read_generation_config(path, args)
     return Checkpoint(args, weights, defaults, path)

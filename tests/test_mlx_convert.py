@@ -137,3 +137,19 @@ def test_bad_mlx_directory(mlx_q4, tmp_path, capsys):
                                                                                           "bits": 4}}
     (bad / "config.json").write_text(json.dumps(config))
     one_error_line(*cli(capsys, "run", "-m", bad, "--backend", "cpu", "--ids", "2")[::2], "config.json says 4-bit")
+
+
+def test_info_on_mlx_directory(ckpt_a, tmp_path, capsys):
+    import dgrun
+    from dgrun.cli import main
+    from dgrun.models.diffusion_gemma import n_params
+
+    out = tmp_path / "mlx-q4"
+    assert main(["convert", str(ckpt_a), "--to", "mlx-q4", "-o", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["info", str(out), "--json"]) == 0
+    import json
+
+    data = json.loads(capsys.readouterr().out)
+    assert data["format"] == "mlx" and data["canvas_length"] == 16
+    assert data["parameters"] == n_params(dgrun.load(ckpt_a).args)
