@@ -63,9 +63,6 @@ class Tokenizer:
     def token_id(self, text: str | None) -> int | None:
         return None if text is None else self.tok.token_to_id(text)
 
-    def token_text(self, tid: int) -> str:
-        return self.tok.id_to_token(int(tid)) or ""
-
     def prefix_ids(self) -> list[int]:
         """What encode() puts before the text (Gemma: [<bos>]); chat templates usually write it themselves."""
         with_specials, plain = self.encode("a"), self.encode("a", add_special_tokens=False)
