@@ -29,8 +29,9 @@ class Backend(Protocol):
     def rng(self, seed: int) -> Any:
         """A seeded random generator on the backend's device."""
 
-    def start_block(self, rng: Any, sampler: Any) -> Any:
-        """A new block's fixed-shape step state, starting from a uniform-random canvas."""
+    def start_block(self, rng: Any, sampler: Any, fixed: Sequence[int] | None = None) -> Any:
+        """A new block's fixed-shape step state, starting from a uniform-random canvas. `fixed` (a token
+        id or -1 per canvas position) pins tokens that the sampler never changes: infilling."""
 
     def step(self, state: Any, cache: Any, temperature: float, sampler: Any, rng: Any) -> Any:
         """One whole denoising step, sampler included, on device: returns the next state."""

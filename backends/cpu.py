@@ -111,9 +111,9 @@ class CpuBackend:
         cap = self.args.final_logit_softcapping
         return torch.tanh(logits / cap) * cap if cap else logits
 
-    def start_block(self, rng: torch.Generator, sampler) -> torch_sampler.StepState:
+    def start_block(self, rng: torch.Generator, sampler, fixed=None) -> torch_sampler.StepState:
         return torch_sampler.start_block(self.args.vocab_size, self.args.canvas_length,
-                                         sampler.stability_threshold, rng)
+                                         sampler.stability_threshold, rng, fixed)
 
     @torch.inference_mode()
     def step(self, state, cache, temperature: float, sampler, rng) -> torch_sampler.StepState:

@@ -43,6 +43,7 @@ class MlxState:
     sc: mx.array | None  # (C, V) self-conditioning probabilities in the compute dtype; None on the first step
     history: mx.array  # (stability_threshold, 1, C) int32
     done: mx.array  # () bool
+    fixed: mx.array  # (1, C) int32: tokens pinned in place (infilling), -1 where free
 
 
 @dataclass
@@ -137,10 +138,10 @@ class MlxBackend:
             logits = self._decode_next(canvas, sc, *kv)
         return torch.from_numpy(np.array(logits))
 
-    def start_block(self, rng: MlxRng, sampler) -> MlxState:
-        canvas, history, rng.key = mlx_sampler.start_block(rng.key, self.args.vocab_size, self.args.canvas_length,
-                                                           sampler.stability_threshold)
-        return MlxState(canvas, canvas, None, history, mx.array(False))
+    def start_block(self, rng: MlxRng, sampler, fixed=None) -> MlxState:
+        canvas, history, fixed, rng.key = mlx_sampler.start_block(
+            rng.key, self.args.vocab_size, self.args.canvas_length, sampler.stability_threshold, fixed)
+        return MlxState(canvas, canvas, None, history, mx.array(False), fixed)
 
     def step(self, state: MlxState, cache: MlxCache, temperature: float, sampler, rng: MlxRng) -> MlxState:
         args = self.step_inputs(state, cache, temperature, sampler, rng)
@@ -150,13 +151,13 @@ class MlxBackend:
             out = self._step_next(state.canvas, state.sc, *args)
         canvas, argmax, sc, history, done, rng.key = out
         mx.async_eval(canvas, argmax, sc, history, done, rng.key)  # queue the work; done() waits for it
-        return MlxState(canvas, argmax, sc, history, done)
+        return MlxState(canvas, argmax, sc, history, done, state.fixed)
 
     def step_inputs(self, state: MlxState, cache: MlxCache, temperature: float, sampler, rng: MlxRng) -> tuple:
         """Everything the step reads after the canvas and self-conditioning, as arrays: knobs as 0-d arrays
         so a new temperature or bound does not retrace the compiled step."""
         return (cache.keys, cache.values, cache.pos, mx.array(cache.length, dtype=mx.int32),
-                mx.array(temperature, dtype=mx.float32), rng.key, state.history,
+                mx.array(temperature, dtype=mx.float32), rng.key, state.history, state.fixed,
                 mx.array(sampler.entropy_bound, dtype=mx.float32),
                 mx.array(sampler.confidence_threshold, dtype=mx.float32))
 
@@ -168,10 +169,10 @@ class MlxBackend:
 
     # --- the compiled step ----------------------------------------------------------------------
 
-    def _step(self, canvas, sc, keys, values, pos, offset, temperature, key, history, bound, confidence):
+    def _step(self, canvas, sc, keys, values, pos, offset, temperature, key, history, fixed, bound, confidence):
         logits = self._decode(canvas, sc, keys, values, pos, offset)
         canvas, argmax, probs, history, done, key = mlx_sampler.sampler_step(
-            logits, temperature, key, history, bound, confidence)
+            logits, temperature, key, history, fixed, bound, confidence)
         if self.dtype != mx.float32:  # the reference re-takes the softmax of the logits cast to the dtype
             probs = mx.softmax((logits / temperature).astype(self.dtype).astype(mx.float32), axis=-1, precise=True)
         return canvas, argmax, probs.astype(self.dtype), history, done, key

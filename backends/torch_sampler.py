@@ -22,12 +22,19 @@ class StepState:
     probs: torch.Tensor | None  # (C, V) float32 softmax of sc_logits: reused by float32 self-conditioning
     history: torch.Tensor  # (stability_threshold, 1, C) int64: the last argmax canvases
     done: torch.Tensor  # () bool
+    fixed: torch.Tensor | None = None  # (1, C) int64: tokens held in place (infilling), -1 where free
 
 
-def start_block(vocab: int, canvas_length: int, stability_threshold: int, rng: torch.Generator) -> StepState:
+def start_block(vocab: int, canvas_length: int, stability_threshold: int, rng: torch.Generator,
+                fixed: list[int] | None = None) -> StepState:
+    """A uniform-random canvas; `fixed` (one id or -1 per position) pins tokens for infilling."""
     canvas = torch.randint(0, vocab, (1, canvas_length), generator=rng, device=rng.device)
     history = torch.full((stability_threshold, 1, canvas_length), -1, dtype=torch.int64, device=rng.device)
-    return StepState(canvas, canvas, None, None, history, torch.zeros((), dtype=torch.bool, device=rng.device))
+    if fixed is not None:
+        fixed = torch.tensor([fixed], dtype=torch.int64, device=rng.device)
+        canvas = torch.where(fixed >= 0, fixed, canvas)
+    done = torch.zeros((), dtype=torch.bool, device=rng.device)
+    return StepState(canvas, canvas, None, None, history, done, fixed)
 
 
 def draw(probs: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
@@ -52,13 +59,18 @@ def accept_mask(entropy: torch.Tensor, entropy_bound: float) -> torch.Tensor:
 
 def sampler_step(state: StepState, logits: torch.Tensor, temperature: torch.Tensor, entropy_bound: float,
                  confidence_threshold: float, rng: torch.Generator) -> StepState:
-    """Temperature, multinomial draw, entropy-bound acceptance, uniform renoise, stable-and-confident stop."""
+    """Temperature, multinomial draw, entropy-bound acceptance, uniform renoise, stable-and-confident stop.
+    Fixed (infill) positions keep their token, cost no entropy and are left out of the confidence mean."""
     vocab = logits.shape[-1]
     processed = logits / temperature  # (C, V) float32
     probs = torch.softmax(processed, dim=-1, dtype=torch.float32)
     sampled = draw(probs, rng).view(1, -1)
     argmax = processed.argmax(-1).view(1, -1)
     entropy = token_entropy(processed, probs).view(1, -1)
+    if state.fixed is not None:
+        pinned = state.fixed >= 0
+        entropy = entropy.masked_fill(pinned, 0.0)
+        sampled, argmax = torch.where(pinned, state.fixed, sampled), torch.where(pinned, state.fixed, argmax)
     accepted = accept_mask(entropy, entropy_bound)
     noise = torch.randint(0, vocab, tuple(state.canvas.shape), generator=rng, device=rng.device)
     canvas = torch.where(accepted, sampled, noise)  # accepted tokens keep the draw, the rest are renoised
@@ -69,5 +81,8 @@ def sampler_step(state: StepState, logits: torch.Tensor, temperature: torch.Tens
     else:
         stable = (history == argmax[None]).all()
         history = torch.cat([history[1:], argmax[None]], dim=0)
-    confident = entropy.mean() < confidence_threshold
-    return StepState(canvas, argmax, processed, probs, history, stable & confident)
+    if state.fixed is None:
+        confident = entropy.mean() < confidence_threshold
+    else:
+        confident = entropy.sum() / (~pinned).sum().clamp(min=1) < confidence_threshold
+    return StepState(canvas, argmax, processed, probs, history, stable & confident, state.fixed)

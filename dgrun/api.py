@@ -56,6 +56,28 @@ class Model:
                 return Result(self.decode(event.ids), event.ids, event)
         raise AssertionError("stream ended without stats")
 
+    def infill(self, prefix, suffix, gap: int | None = None, **knobs) -> Result:
+        """Fill the gap between `prefix` and `suffix` (text or ids) in one block: the canvas holds `gap` free
+        positions, then the suffix's first tokens pinned in place (any positions after a short suffix stay free
+        and are dropped). `gap` defaults to the canvas minus the suffix, at least half the canvas. The Result
+        holds the gap's tokens, cut at EOS."""
+        canvas = self.args.canvas_length
+        head = self._prompt_ids(prefix)
+        tail = self.tokenizer.encode(suffix, add_special_tokens=False) if isinstance(suffix, str) else list(suffix)
+        gap = max(canvas - len(tail), canvas // 2) if gap is None else gap
+        if not 0 < gap < canvas:
+            raise DgrunError(f"the gap must be between 1 and {canvas - 1} tokens (the canvas is {canvas})")
+        if not tail:
+            raise DgrunError("infilling needs a non-empty suffix")
+        pinned = [int(t) for t in tail[: canvas - gap]]
+        fixed = [-1] * gap + pinned + [-1] * (canvas - gap - len(pinned))  # past a short suffix: free, dropped
+        cfg = self.defaults.update(**knobs).update(max_new_tokens=gap)
+        for event in stream(self.backend, head, cfg, self.args.eos_token_id, self.args.pad_token_id, fixed=fixed):
+            if isinstance(event, Stats):
+                event.tokens_per_forward = len(event.ids) / event.steps_per_block[0]  # the gap's tokens only
+                return Result(self.decode(event.ids), event.ids, event)
+        raise AssertionError("stream ended without stats")
+
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids) if self.tokenizer is not None else ""
 
@@ -75,12 +97,14 @@ class Model:
         return self.backend.denoise(canvas_ids, cache, self_cond_logits)
 
 
-def load(path, backend: str = "auto", dtype: str | None = None) -> Model:
-    """Load an HF checkpoint directory or a GGUF file (its tokenizer comes from the file), or a hub repo
-    id `user/repo[:QUANT]`. backend: "auto" | "cpu" | "mlx"; dtype: "float32" | "bfloat16" (mlx also
+def load(path=None, backend: str = "auto", dtype: str | None = None) -> Model:
+    """Load an HF checkpoint directory or a GGUF file (its tokenizer comes from the file), a hub repo
+    id `user/repo[:QUANT]`, or with no path the embedded default model (models/tiny-stdlib.md). backend: "auto" | "cpu" | "mlx"; dtype: "float32" | "bfloat16" (mlx also
     "float16", "q4", "q8": quantize at load)."""
     from dgrun import hub
+    from dgrun.models import DEFAULT_MODEL
 
+    path = DEFAULT_MODEL if path is None else path
     if hub.is_repo_id(str(path)):
         path = hub.resolve(str(path))
     ckpt = checkpoint.load(path)

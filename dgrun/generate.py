@@ -111,9 +111,10 @@ def first_eos(ids: list[int], eos: set[int]) -> int | None:
 
 
 def stream(backend, prompt_ids: list[int], cfg: SamplerConfig, eos_ids=(), pad_id: int | None = None,
-           cache=None, trim_repeats: bool = False) -> Iterator[Draft | Block | Stats]:
+           cache=None, trim_repeats: bool = False, fixed=None) -> Iterator[Draft | Block | Stats]:
     """Yield a Draft per step, a Block per finished block, then the Stats. Reuses `cache` when given.
-    trim_repeats: a block equal to the previous one is a loop (users report them): drop it and stop."""
+    trim_repeats: a block equal to the previous one is a loop (users report them): drop it and stop.
+    fixed: a token id or -1 per canvas position, pinned in the first block (infilling)."""
     if len(prompt_ids) == 0 and cache is None:
         raise DgrunError("empty prompt")
     args = backend.args
@@ -125,7 +126,7 @@ def stream(backend, prompt_ids: list[int], cfg: SamplerConfig, eos_ids=(), pad_i
     rng = backend.rng(cfg.seed)
     valid, passes, previous = 0, 0, None
     for b in range(math.ceil(cfg.max_new_tokens / args.canvas_length)):
-        state = backend.start_block(rng, cfg)
+        state = backend.start_block(rng, cfg, fixed if b == 0 else None)
         steps, converged = 0, False
         for remaining in range(cfg.steps, 0, -1):
             state = backend.step(state, cache, temperature(remaining, cfg), cfg, rng)

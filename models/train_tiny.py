@@ -12,11 +12,13 @@ logits (divided by a temperature drawn from the sampler's range) as self-conditi
 from __future__ import annotations
 
 import argparse
+import ast
 import hashlib
 import json
 import math
 import random
 import sysconfig
+import textwrap
 import time
 from pathlib import Path
 
@@ -31,13 +33,39 @@ MODEL = dict(vocab_size=4096, hidden_size=256, intermediate_size=512, num_hidden
 VISION = dict(model_type="gemma4_vision", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
               num_attention_heads=2, num_key_value_heads=2, head_dim=8)
 CANVAS = 32
+PAD, EOS_TEXT = 0, "<eos>"
 
 
 def corpus_files() -> tuple[list[Path], list[Path]]:
-    """The top-level modules of this interpreter's standard library (PSF license); every 10th held out."""
-    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
-    held = [f for i, f in enumerate(files) if i % 10 == 0]
-    return [f for f in files if f not in held], held
+    """This interpreter's standard library source (PSF license) without its tests; every 10th file held out."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
+    files = sorted(f for f in root.rglob("*.py") if not skip & set(f.relative_to(root).parts))
+    held = set(files[::10])
+    return [f for f in files if f not in held], sorted(held)
+
+
+def code_units(path: Path) -> list[str]:
+    """Every function and method (decorators included, dedented) and every class of at most 60 lines; and
+    for each function with a docstring, a chat turn: its docstring's first paragraph asks, the code answers."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        tree = ast.parse(text)
+    except (SyntaxError, ValueError):
+        return []
+    lines = text.splitlines(keepends=True)
+    units = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or (
+                isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno < 60):
+            start = min([node.lineno] + [d.lineno for d in node.decorator_list]) - 1
+            code = textwrap.dedent("".join(lines[start:node.end_lineno]))
+            units.append(code + EOS_TEXT)
+            doc = ast.get_docstring(node) if not isinstance(node, ast.ClassDef) else None
+            if doc and doc.split("\n\n")[0].strip():
+                ask = " ".join(doc.split("\n\n")[0].split())
+                units.append(f"<|turn>user\n{ask}<turn|>\n<|turn>model\n{code.strip()}<turn|>")
+    return units
 
 
 def train_tokenizer(files: list[Path], vocab_size: int, out: Path):
@@ -54,19 +82,32 @@ def train_tokenizer(files: list[Path], vocab_size: int, out: Path):
     tok.train([str(f) for f in files], trainer)
     tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
     tok.save(str(out / "tokenizer.json"))
+    from dgrun.chat_template import GEMMA4
+
+    (out / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>",
+         "chat_template": GEMMA4}, indent=1))
     return tok
 
 
-def token_stream(tok, files: list[Path]) -> torch.Tensor:
-    ids = []
-    for f in files:
-        ids += tok.encode(f.read_text(encoding="utf-8", errors="replace")).ids + [1]  # <bos> ... <eos> per file
-    return torch.tensor(ids, dtype=torch.long)
+def encode_units(tok, files: list[Path], limit: int = 512) -> list[torch.Tensor]:
+    """<bos> unit per unit (each ends with <eos> or <turn|>), the longest cut at `limit` tokens."""
+    units = [u for f in files for u in code_units(f)]
+    return [torch.tensor(e.ids[:limit]) for e in tok.encode_batch(units)]
 
 
-def batch(stream: torch.Tensor, size: int, prefix: int, gen: torch.Generator):
-    starts = torch.randint(0, len(stream) - prefix - CANVAS, (size,), generator=gen)
-    rows = torch.stack([stream[s:s + prefix + CANVAS] for s in starts.tolist()])
+def batch(units: list[torch.Tensor], size: int, prefix: int, gen: torch.Generator):
+    """`size` rows of (prefix, canvas). The canvas is the next CANVAS tokens of a unit, <pad> after its end.
+    Half the rows start at the unit's <bos>, as a prompt does; the others cut it at a random point."""
+    rows = []
+    while len(rows) < size:
+        unit = units[torch.randint(len(units), (), generator=gen)]
+        if len(unit) <= prefix:
+            continue
+        cut = prefix if torch.rand((), generator=gen) < 0.5 else int(torch.randint(prefix, len(unit), (), generator=gen))
+        canvas = unit[cut:cut + CANVAS]
+        rows.append(torch.cat([unit[cut - prefix:cut], canvas, torch.full((CANVAS - len(canvas),), PAD)]))
+    rows = torch.stack(rows)
     return rows[:, :prefix], rows[:, prefix:]
 
 
@@ -95,12 +136,13 @@ def canvas_loss(model, prefix, canvas_in, target, self_cond: bool, gen: torch.Ge
 
 
 @torch.no_grad()
-def held_out_loss(model, stream, gen_seed: int = 1234, batches: int = 4) -> float:
-    gen = torch.Generator().manual_seed(gen_seed)
+def held_out_loss(model, units, seed: int = 1234, batches: int = 8) -> float:
+    """Canvas cross-entropy on held-out units, same batches every time (prefix lengths 1..64)."""
+    gen = torch.Generator().manual_seed(seed)
     model.eval()
     losses = []
-    for _ in range(batches):
-        prefix, clean = batch(stream, 16, 64, gen)
+    for prefix_len in torch.linspace(1, 64, batches).long().tolist():
+        prefix, clean = batch(units, 32, prefix_len, gen)
         losses.append(canvas_loss(model, prefix, corrupt(clean, MODEL["vocab_size"], gen), clean, False, gen).item())
     model.train()
     return sum(losses) / len(losses)
@@ -111,41 +153,45 @@ def main():
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--steps", type=int, default=1500)
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-every", type=int, default=100)
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 master weights)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
-    random.seed(a.seed)
     a.out.mkdir(parents=True, exist_ok=True)
 
     train_files, held_files = corpus_files()
     tok = train_tokenizer(train_files, MODEL["vocab_size"], a.out)
-    train, held = token_stream(tok, train_files), token_stream(tok, held_files)
-    digest = hashlib.sha256("".join(f.name for f in train_files + held_files).encode()).hexdigest()[:16]
-
+    train, held = encode_units(tok, train_files), encode_units(tok, held_files)
+    root = Path(sysconfig.get_paths()["stdlib"])
+    names = "\n".join(str(f.relative_to(root)) for f in train_files + held_files)
     cfg = DiffusionGemmaConfig(text_config=dict(MODEL), vision_config=dict(VISION), canvas_length=CANVAS)
     model = DiffusionGemmaForBlockDiffusion(cfg).train()
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.95), weight_decay=0.01)
     gen = torch.Generator().manual_seed(a.seed)
     log = {"command": f"python -m dgrun.models.train_tiny --out OUT --steps {a.steps} --batch {a.batch} "
-                      f"--lr {a.lr} --seed {a.seed}",
-           "data": {"stdlib": sysconfig.get_paths()["stdlib"], "train_files": len(train_files),
-                    "held_out_files": len(held_files), "file_list_sha256": digest,
-                    "train_tokens": len(train), "held_out_tokens": len(held)},
+                      f"--lr {a.lr} --seed {a.seed}" + (" --bf16" if a.bf16 else ""),
+           "device": "cpu", "threads": a.threads,
+           "data": {"stdlib": str(root), "train_files": len(train_files), "held_out_files": len(held_files),
+                    "file_list_sha256": hashlib.sha256(names.encode()).hexdigest()[:16],
+                    "train_units": len(train), "train_tokens": sum(map(len, train)),
+                    "held_out_units": len(held), "held_out_tokens": sum(map(len, held))},
            "params": sum(p.numel() for n, p in model.named_parameters() if "vision" not in n), "curve": []}
+    print(json.dumps(log), flush=True)
     t0 = time.time()
     for step in range(1, a.steps + 1):
-        lr = a.lr * min(1.0, step / 100) * 0.5 * (1 + math.cos(math.pi * step / a.steps))
+        lr = a.lr * min(1.0, step / 100) * (0.1 + 0.45 * (1 + math.cos(math.pi * step / a.steps)))
         for group in opt.param_groups:
             group["lr"] = lr
-        prefix, clean = batch(train, a.batch, random.choice([16, 32, 48, 64]), gen)
-        loss = canvas_loss(model, prefix, corrupt(clean, MODEL["vocab_size"], gen), clean,
-                           bool(torch.rand((), generator=gen) < 0.5), gen)
+        prefix, clean = batch(train, a.batch, int(torch.randint(1, 65, (), generator=gen)), gen)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.bf16):
+            loss = canvas_loss(model, prefix, corrupt(clean, MODEL["vocab_size"], gen), clean,
+                               bool(torch.rand((), generator=gen) < 0.5), gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -156,9 +202,8 @@ def main():
             log["curve"].append(point)
             print(json.dumps(point), flush=True)
             model.save_pretrained(a.out)
+            log["wall_seconds"] = round(time.time() - t0, 1)
             (a.out / "training_log.json").write_text(json.dumps(log, indent=1))
-    log["wall_seconds"] = round(time.time() - t0, 1)
-    (a.out / "training_log.json").write_text(json.dumps(log, indent=1))
     (a.out / "generation_config.json").write_text(json.dumps({
         "max_denoising_steps": 32, "t_min": 0.4, "t_max": 0.8, "sampler_config": {"entropy_bound": 0.1},
         "stability_threshold": 1, "confidence_threshold": 0.005, "eos_token_id": [1, 5], "pad_token_id": 0}))

@@ -114,8 +114,8 @@ def test_sampler_step_rules():
     logits = np.full((c, vocab), -30.0, dtype=np.float32)
     logits[np.arange(c), np.arange(c) % vocab] = 30.0  # one-hot: zero entropy, the draw is the argmax
     logits[: c // 2] = 0.0  # the first half uniform: high entropy, rejected
-    hist = mx.full((1, 1, c), -1, dtype=mx.int32)
-    args = (mx.array(0.5), mx.random.key(3), hist, mx.array(0.1, dtype=mx.float32), mx.array(0.005))
+    hist, free = mx.full((1, 1, c), -1, dtype=mx.int32), mx.full((1, c), -1, dtype=mx.int32)
+    args = (mx.array(0.5), mx.random.key(3), hist, free, mx.array(0.1, dtype=mx.float32), mx.array(0.005))
     canvas, argmax, probs, hist2, done, key = mlx_sampler.sampler_step(mx.array(logits), *args)
     canvas, argmax = np.array(canvas)[0], np.array(argmax)[0]
     assert np.array_equal(canvas[c // 2:], np.arange(c // 2, c) % vocab)
@@ -127,6 +127,12 @@ def test_sampler_step_rules():
     am = mx.array((np.arange(c) % vocab)[None, None].astype(np.int32))
     out = mlx_sampler.sampler_step(mx.array(confident), mx.array(0.5), mx.random.key(1), am, *args[3:])
     assert bool(out[4])  # same argmax as the history and ~zero entropy: done
+    pinned = np.full((1, c), -1, dtype=np.int32)
+    pinned[0, : c // 2] = 7  # pin the uncertain half: kept, and no longer counted against confidence
+    out = mlx_sampler.sampler_step(mx.array(logits), mx.array(0.5), mx.random.key(1), am, mx.array(pinned),
+                                   *args[4:])
+    expect = np.where(pinned[0] >= 0, 7, np.arange(c) % vocab)
+    assert np.array_equal(np.array(out[0])[0], expect) and np.array_equal(np.array(out[1])[0], expect)
 
 
 def test_step_matches_cpu(pair_a):

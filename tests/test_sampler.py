@@ -115,3 +115,30 @@ def test_draw_samples_the_distribution():
 def test_temperature_schedule_counts_down():
     cfg = SamplerConfig(steps=4, t_min=0.4, t_max=0.8)
     assert [round(temperature(r, cfg), 6) for r in (4, 3, 2, 1)] == [0.8, 0.7, 0.6, 0.5]
+
+
+def test_pinned_positions_act_as_certain_tokens():
+    """Infilling: pinning a token at a position gives the same canvases and drafts as the plain sampler fed
+    a one-hot (zero-entropy) logit row for that token there; the stop rule then averages the free positions."""
+    cfg = SamplerConfig(steps=12, entropy_bound=1.0, stability_threshold=1, confidence_threshold=0.05)
+    seq = logits_sequence(cfg.steps, seed=7)
+    fixed = [-1] * C
+    fixed[C // 2:] = list(range(3, 3 + C - C // 2))
+    pin = torch.tensor(fixed) >= 0
+    one_hot = torch.where(torch.nn.functional.one_hot(torch.tensor(fixed).clamp(min=0), V).bool(), 1e4, -1e4)
+    plain_seq = [torch.where(pin[:, None], one_hot, logits) for logits in seq]
+    pinned = torch_sampler.start_block(V, C, 1, torch.Generator().manual_seed(3), fixed)
+    plain = torch_sampler.start_block(V, C, 1, torch.Generator().manual_seed(3))
+    assert torch.equal(pinned.canvas[0, C // 2:], torch.tensor(fixed[C // 2:]))
+    assert torch.equal(pinned.canvas[0, :C // 2], plain.canvas[0, :C // 2])
+    rng_a, rng_b = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    stopped = False
+    for remaining, logits, plain_logits in zip(range(cfg.steps, 0, -1), seq, plain_seq):
+        t = torch.tensor(temperature(remaining, cfg), dtype=torch.float32)
+        pinned = torch_sampler.sampler_step(pinned, logits, t, cfg.entropy_bound, cfg.confidence_threshold, rng_a)
+        plain = torch_sampler.sampler_step(plain, plain_logits, t, cfg.entropy_bound, 1e9, rng_b)
+        assert torch.equal(pinned.canvas, plain.canvas) and torch.equal(pinned.argmax, plain.argmax)
+        free_entropy = torch_sampler.token_entropy(plain.sc_logits, plain.probs)[~pin].mean()
+        assert bool(pinned.done) == bool(plain.done and free_entropy < cfg.confidence_threshold)
+        stopped |= bool(pinned.done)
+    assert stopped

@@ -17,6 +17,10 @@ from dgrun.errors import DgrunError
 
 EPILOG = """Examples:
 
+  dgrun run -p "def fib(n):"                 (the embedded tiny model)
+
+  dgrun chat                                 (ditto)
+
   dgrun run -m ./my-checkpoint -p "def fib(n):" -n 64
 
   dgrun run -m model.gguf --ids "2,651,1378" --steps 16 --json

@@ -15,8 +15,8 @@ from typing import Annotated, Optional
 import typer
 
 from dgrun.cli import app
-from dgrun.cli.options import (Backend, Confidence, Dtype, EntropyBound, Seed, Stability, Steps, TMax, TMin,
-                               sampler_knobs)
+from dgrun.cli.options import (Backend, Confidence, Dtype, EntropyBound, Model, Seed, Stability, Steps, TMax,
+                               TMin, default_model, sampler_knobs)
 from dgrun.cli.chat_commands import EXIT, Commands
 from dgrun.errors import DgrunError
 from dgrun.generate import Block, Draft, SamplerConfig
@@ -166,8 +166,10 @@ class Session:
 def model_path(model: str | None, hf_repo: str | None):
     from dgrun import hub
 
-    if (model is None) == (hf_repo is None):
-        raise DgrunError("give exactly one of -m/--model or -hf/--hf-repo")
+    if model is not None and hf_repo is not None:
+        raise DgrunError("give one of -m/--model or -hf/--hf-repo, not both")
+    if model is None and hf_repo is None:
+        return default_model()
     if hf_repo is not None:
         if hub.parse(hf_repo) is None:
             raise DgrunError(f"-hf takes user/repo[:QUANT], got {hf_repo!r}")
@@ -175,7 +177,6 @@ def model_path(model: str | None, hf_repo: str | None):
     return hub.resolve(model)
 
 
-Model = Annotated[Optional[str], typer.Option("--model", "-m", help="Checkpoint dir, .gguf file or hub repo id.")]
 HfRepo = Annotated[Optional[str], typer.Option("--hf-repo", "-hf",
                                                help="Hub GGUF repo: user/repo[:QUANT] (Q4_K_M by default).")]
 System = Annotated[Optional[str], typer.Option("--system", "-sys", help="System prompt.")]

@@ -9,13 +9,10 @@ from typing import Annotated, Optional
 import typer
 
 from dgrun.cli import app
-from dgrun.cli.options import (Backend, Confidence, Dtype, EntropyBound, Seed, Stability, Steps, TMax, TMin,
-                               sampler_knobs)
+from dgrun.cli.options import (Backend, Confidence, Dtype, EntropyBound, Model, Seed, Stability, Steps, TMax,
+                               TMin, default_model, sampler_knobs)
 from dgrun.errors import DgrunError
 from dgrun.generate import SamplerConfig
-
-Model = Annotated[str, typer.Option("--model", "-m", help="HF checkpoint directory or .gguf file.")]
-
 
 def parse_ids(text: str) -> list[int]:
     try:
@@ -32,11 +29,24 @@ def stats_line(s) -> str:
             f"{s.tokens_per_second:.1f} tok/s | prompt {s.prompt_tokens} tok")
 
 
-@app.command(epilog='Example: dgrun run -m ./ckpt -p "def fib(n):" -n 64 --steps 24 -s 1')
+EXAMPLES = """Examples:
+
+  dgrun run -p "def fib(n):" -n 64                  (the embedded tiny model)
+
+  dgrun run -m ./ckpt -p "def fib(n):" --steps 24 -s 1
+
+  dgrun run -p "def area(r):" --suffix "    return result" --gap 12   (fill the gap)"""
+
+
+@app.command(epilog=EXAMPLES)
 def run(
-    model: Model,
+    model: Model = None,
     prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="Prompt text (needs the model's tokenizer).")] = None,
     ids: Annotated[Optional[str], typer.Option("--ids", help="Prompt as raw token ids: '2,651,1378'.")] = None,
+    suffix: Annotated[Optional[str], typer.Option(
+        "--suffix", help="Infill: text after the gap; prints only what fills it (one block).")] = None,
+    gap: Annotated[Optional[int], typer.Option(
+        "--gap", help="Infill: tokens in the gap [canvas minus suffix, at least half the canvas].")] = None,
     n_predict: Annotated[Optional[int], typer.Option("--n-predict", "-n", help="max_new_tokens [256]")] = None,
     steps: Steps = None,
     t_max: TMax = None,
@@ -49,16 +59,25 @@ def run(
     dtype: Dtype = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead.")] = False,
 ):
-    """Generate from a prompt with block diffusion."""
+    """Generate from a prompt with block diffusion, or fill a gap (--suffix)."""
     import dgrun
 
     if (prompt is None) == (ids is None):
         raise DgrunError("give exactly one of -p/--prompt or --ids")
+    if gap is not None and suffix is None:
+        raise DgrunError("--gap needs --suffix")
+    if suffix is not None and prompt is None:
+        raise DgrunError("--suffix needs a text prompt (-p)")
     knobs = sampler_knobs(steps, t_max, t_min, entropy_bound, stability, confidence, seed, max_new_tokens=n_predict)
     SamplerConfig().update(**knobs)  # reject bad values before the (slow) load
     source = prompt if prompt is not None else parse_ids(ids)
-    m = dgrun.load(model, backend=backend, dtype=dtype)
-    result = m.generate(source, **knobs)
+    m = dgrun.load(model if model is not None else default_model(), backend=backend, dtype=dtype)
+    if suffix is not None:
+        if m.tokenizer is None:
+            raise DgrunError("--suffix needs the model's tokenizer")
+        result = m.infill(source, suffix, gap, **knobs)
+    else:
+        result = m.generate(source, **knobs)
     s = result.stats
     if as_json:
         print(json.dumps({
