@@ -79,7 +79,9 @@ class Model:
         raise AssertionError("stream ended without stats")
 
     def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids) if self.tokenizer is not None else ""
+        """Text of `ids`; <pad> (which the model writes after the end of a text) is never text."""
+        pad = self.args.pad_token_id
+        return self.tokenizer.decode([t for t in ids if t != pad]) if self.tokenizer is not None else ""
 
     # --- low level, for parity tests and scripts ----------------------------------------------
 

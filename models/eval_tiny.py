@@ -1,7 +1,8 @@
 """Measure the embedded model for its card: held-out loss per precision, early stopping, Python validity,
 completions, infills, and bf16 / Q8_0 / Q4_K_M agreement.
 
-    python -m dgrun.models.eval_tiny --ckpt /tmp/tiny-dg --out /tmp/tiny-eval     # writes evidence.json
+    python -m dgrun.models.eval_tiny --out /tmp/tiny-eval                    # the shipped file; writes evidence.json
+    python -m dgrun.models.eval_tiny --ckpt /tmp/tiny-dg --out /tmp/tiny-eval   # bf16 / Q8_0 / Q4_K_M from training
 
 Prompts come from held-out stdlib files (train_tiny's split), so nothing here was trained on. Everything
 runs through dgrun itself (cpu backend, float32 compute) on GGUFs converted from the checkpoint.
@@ -108,14 +109,14 @@ def held_out_loss(m, units, samples: int = 96, seed: int = 1234) -> tuple[float,
     return sum(losses) / samples, sum(hits) / samples
 
 
-def completions(m, prompts: list[str], chat: bool, max_new_tokens: int, seed: int) -> list[dict]:
+def completions(m, prompts: list[str], chat: bool, max_new_tokens: int, seed: int, **knobs) -> list[dict]:
     from dgrun.chat_template import GEMMA4, render
 
     out = []
     for p in prompts:
         text = render(GEMMA4, [{"role": "user", "content": p}], True, bos_token="<bos>") if chat else p
         ids = m.tokenizer.encode(text, add_special_tokens=not chat)
-        r = m.generate(ids, max_new_tokens=max_new_tokens, seed=seed, stop_ids=[5] if chat else ())
+        r = m.generate(ids, max_new_tokens=max_new_tokens, seed=seed, stop_ids=[5] if chat else (), **knobs)
         code = r.text if chat else p + r.text
         out.append({"prompt": p, "text": r.text, "ids": r.ids, "steps": r.stats.steps_per_block,
                     "tokens_per_forward": r.stats.tokens_per_forward,
@@ -123,6 +124,9 @@ def completions(m, prompts: list[str], chat: bool, max_new_tokens: int, seed: in
                     "parses": parses(code)})
     return out
 
+
+SWEEP = [  # temperature schedules (t_min, t_max) tried against the file's own defaults
+    dict(t_min=0.4, t_max=0.8), dict(t_min=0.3, t_max=0.6), dict(t_min=0.2, t_max=0.5), dict(t_min=0.1, t_max=0.3)]
 
 INFILLS = [  # (prefix, suffix): code the model has not seen verbatim; the gap is one line or two
     ("def is_even(n):\n    ", "\n\n\ndef is_odd(n):\n    return not is_even(n)\n"),
@@ -153,25 +157,33 @@ def agreement(a: list[dict], b: list[dict]) -> float:
 
 
 def main():
+    import shutil
+
     import dgrun
     from dgrun.convert.convert import convert
+    from dgrun.models import DEFAULT_MODEL
     from dgrun.models.train_tiny import encode_units
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--ckpt", type=Path, required=True, help="train_tiny's output directory")
+    ap.add_argument("--ckpt", type=Path, help="train_tiny's output directory: compare bf16, Q8_0 and Q4_K_M "
+                                              "made from it (default: the shipped Q8_0 file and a Q4_K_M made from it)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--prompts", type=int, default=24)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     torch.set_num_threads(1)
     a.out.mkdir(parents=True, exist_ok=True)
+    if a.ckpt is None:
+        shutil.copyfile(DEFAULT_MODEL, a.out / "tiny-stdlib-Q8_0.gguf")
+    labels = list(QUANTS) if a.ckpt else ["Q8_0", "Q4_K_M"]
     code_prompts, asks = held_out_prompts(a.prompts)
-    evidence = {"prompts": {"code": code_prompts, "chat": asks}, "by_precision": {}}
+    evidence = {"source": str(a.ckpt or DEFAULT_MODEL), "prompts": {"code": code_prompts, "chat": asks},
+                "by_precision": {}}
     runs = {}
-    for label, target in QUANTS.items():
+    for label in labels:
         path = a.out / f"tiny-stdlib-{label}.gguf"
         if not path.exists():
-            convert(a.ckpt, target, path)
+            convert(a.ckpt or a.out / "tiny-stdlib-Q8_0.gguf", QUANTS[label], path)
         m = dgrun.load(path, backend="cpu")
         units = encode_units(m.tokenizer.tok, corpus_files()[1])
         loss, accuracy = held_out_loss(m, units)
@@ -180,7 +192,8 @@ def main():
         infill = []
         for prefix, suffix in INFILLS:
             r = m.infill(prefix, suffix, seed=a.seed)
-            infill.append({"prefix": prefix, "suffix": suffix, "fill": r.text, "steps": r.stats.steps_per_block})
+            infill.append({"prefix": prefix, "suffix": suffix, "fill": r.text, "steps": r.stats.steps_per_block,
+                           "closes": closes(prefix + r.text + suffix)})
         runs[label] = code + chat
         evidence["by_precision"][label] = {
             "file_mb": round(path.stat().st_size / 2**20, 2), "held_out_loss": loss, "held_out_accuracy": accuracy,
@@ -188,9 +201,20 @@ def main():
             "examples": {"code": code[:6], "chat": chat[:4], "infill": infill}}
         print(label, json.dumps({k: v for k, v in evidence["by_precision"][label].items() if k != "examples"}),
               flush=True)
-    evidence["token_agreement_with_bf16"] = {q: agreement(runs["bf16"], runs[q]) for q in ("Q8_0", "Q4_K_M")}
+    m = dgrun.load(a.out / f"tiny-stdlib-{labels[0]}.gguf", backend="cpu")
+    evidence["sampler_sweep"] = []
+    for knobs in SWEEP:  # why the file's temperature defaults are what they are
+        point = dict(knobs, **summary(completions(m, code_prompts, False, 64, a.seed, **knobs)
+                                      + completions(m, asks, True, 96, a.seed, **knobs)))
+        evidence["sampler_sweep"].append(point)
+        print("sweep", json.dumps(point), flush=True)
+    base = shuffled(a.out / f"tiny-stdlib-{labels[0]}.gguf")
+    evidence["shuffled_baseline"] = summary(completions(base, code_prompts, False, 64, a.seed)
+                                            + completions(base, asks, True, 96, a.seed))
+    print("shuffled", json.dumps(evidence["shuffled_baseline"]), flush=True)
+    evidence[f"token_agreement_with_{labels[0]}"] = {q: agreement(runs[labels[0]], runs[q]) for q in labels[1:]}
     (a.out / "evidence.json").write_text(json.dumps(evidence, indent=1))
-    print(json.dumps(evidence["token_agreement_with_bf16"]))
+    print(json.dumps(evidence[f"token_agreement_with_{labels[0]}"]))
 
 
 if __name__ == "__main__":

@@ -1,12 +1,17 @@
 """Train dgrun's embedded default model: a tiny DiffusionGemma on the Python standard library's source.
 
-    python -m dgrun.models.train_tiny --out /tmp/tiny-dg --steps 1500      # then: dgrun convert ... --to gguf-q8
+    python -m dgrun.models.train_tiny --out /tmp/tiny-dg --bf16      # then: dgrun convert /tmp/tiny-dg --to gguf-q8
 
 The model is transformers' reference `DiffusionGemmaForBlockDiffusion` (dev extra), so its architecture is
-exactly DiffusionGemma's. The objective matches how it generates: the clean prefix goes through the causal
-encoder into the KV cache; the canvas is the next block with uniform-state corruption at a random rate;
-cross-entropy on every canvas position; on a random half of the batches a no-grad first pass feeds its
-logits (divided by a temperature drawn from the sampler's range) as self-conditioning to a second pass.
+exactly DiffusionGemma's. The data are units of the standard library (without its tests): every function and
+method and every short class, each `<bos> code <eos>`, plus a chat turn per documented function (the
+docstring's first paragraph asks in Gemma 4's turn format, the code answers, ending `<turn|>`).
+
+The objective matches how the model generates: the clean prefix goes through the causal encoder into the KV
+cache; the canvas is the next block with uniform-state corruption at a random rate; cross-entropy on every
+canvas position (<pad> after the unit's end, so the model learns to stop); on a random half of the batches a
+no-grad first pass feeds its logits (divided by a temperature drawn from the sampler's range) as
+self-conditioning to a second pass.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ MODEL = dict(vocab_size=4096, hidden_size=256, intermediate_size=512, num_hidden
 VISION = dict(model_type="gemma4_vision", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
               num_attention_heads=2, num_key_value_heads=2, head_dim=8)
 CANVAS = 32
+GENERATION = {"max_denoising_steps": 32, "t_min": 0.4, "t_max": 0.8, "sampler_config": {"entropy_bound": 0.1},
+              "stability_threshold": 1, "confidence_threshold": 0.005, "eos_token_id": [1, 5], "pad_token_id": 0}
 PAD, EOS_TEXT = 0, "<eos>"
 
 
@@ -202,11 +209,9 @@ def main():
             log["curve"].append(point)
             print(json.dumps(point), flush=True)
             model.save_pretrained(a.out)
+            (a.out / "generation_config.json").write_text(json.dumps(GENERATION))  # the sampler's, not HF's
             log["wall_seconds"] = round(time.time() - t0, 1)
             (a.out / "training_log.json").write_text(json.dumps(log, indent=1))
-    (a.out / "generation_config.json").write_text(json.dumps({
-        "max_denoising_steps": 32, "t_min": 0.4, "t_max": 0.8, "sampler_config": {"entropy_bound": 0.1},
-        "stability_threshold": 1, "confidence_threshold": 0.005, "eos_token_id": [1, 5], "pad_token_id": 0}))
 
 
 if __name__ == "__main__":
