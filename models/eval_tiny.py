@@ -109,13 +109,18 @@ def held_out_loss(m, units, samples: int = 96, seed: int = 1234) -> tuple[float,
     return sum(losses) / samples, sum(hits) / samples
 
 
-def completions(m, prompts: list[str], chat: bool, max_new_tokens: int, seed: int, **knobs) -> list[dict]:
-    from dgrun.chat_template import GEMMA4, render
+def chat_ids(m, ask: str) -> list[int]:
+    """One user turn in the file's chat template, ready for the model's answer."""
+    from dgrun.chat_template import choose
 
+    text = choose(m.tokenizer).render([{"role": "user", "content": ask}], True, bos_token="<bos>")
+    return m.tokenizer.encode(text, add_special_tokens=False)
+
+
+def completions(m, prompts: list[str], chat: bool, max_new_tokens: int, seed: int, **knobs) -> list[dict]:
     out = []
     for p in prompts:
-        text = render(GEMMA4, [{"role": "user", "content": p}], True, bos_token="<bos>") if chat else p
-        ids = m.tokenizer.encode(text, add_special_tokens=not chat)
+        ids = chat_ids(m, p) if chat else m.tokenizer.encode(p)
         r = m.generate(ids, max_new_tokens=max_new_tokens, seed=seed, stop_ids=[5] if chat else (), **knobs)
         code = r.text if chat else p + r.text
         out.append({"prompt": p, "text": r.text, "ids": r.ids, "steps": r.stats.steps_per_block,

