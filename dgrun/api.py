@@ -64,11 +64,11 @@ class Model:
         canvas = self.args.canvas_length
         head = self._prompt_ids(prefix)
         tail = self.tokenizer.encode(suffix, add_special_tokens=False) if isinstance(suffix, str) else list(suffix)
+        if not tail:
+            raise DgrunError("infilling needs a non-empty suffix")
         gap = max(canvas - len(tail), canvas // 2) if gap is None else gap
         if not 0 < gap < canvas:
             raise DgrunError(f"the gap must be between 1 and {canvas - 1} tokens (the canvas is {canvas})")
-        if not tail:
-            raise DgrunError("infilling needs a non-empty suffix")
         pinned = [int(t) for t in tail[: canvas - gap]]
         fixed = [-1] * gap + pinned + [-1] * (canvas - gap - len(pinned))  # past a short suffix: free, dropped
         cfg = self.defaults.update(**knobs).update(max_new_tokens=gap)
@@ -101,8 +101,9 @@ class Model:
 
 def load(path=None, backend: str = "auto", dtype: str | None = None) -> Model:
     """Load an HF checkpoint directory or a GGUF file (its tokenizer comes from the file), a hub repo
-    id `user/repo[:QUANT]`, or with no path the embedded default model (models/tiny-stdlib.md). backend: "auto" | "cpu" | "mlx"; dtype: "float32" | "bfloat16" (mlx also
-    "float16", "q4", "q8": quantize at load)."""
+    id `user/repo[:QUANT]`, or with no path the embedded default model (models/tiny-stdlib.md).
+    backend: "auto" | "cpu" | "mlx"; dtype: "float32" | "bfloat16" (mlx also "float16", "q4", "q8":
+    quantize at load)."""
     from dgrun import hub
     from dgrun.models import DEFAULT_MODEL
 

@@ -94,7 +94,7 @@ def test_hostile_template_file(ckpt_chat, tmp_path, capsys, monkeypatch, templat
 
 
 def test_bad_chat_flags(ckpt_chat, ckpt_b, tmp_path, capsys, monkeypatch):
-    cases = [([], "-m/--model or -hf"), (["-m", str(ckpt_chat), "-hf", "a/b"], "exactly one"),
+    cases = [(["-m", str(ckpt_chat), "-hf", "a/b"], "not both"),
              (["-m", str(ckpt_chat), "--steps", "0"], "steps"), (["-hf", "not a repo"], "user/repo"),
              (["-m", str(ckpt_chat), "--chat-template", str(tmp_path / "none.jinja")], "--chat-template"),
              (["-m", str(ckpt_b)], "tokenizer"), (["-m", str(tmp_path / "nope")], "no such file")]

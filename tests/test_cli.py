@@ -68,6 +68,9 @@ def test_version_and_help(capsys):
     (["--backend", "tpu"], "backend"),
     (["--dtype", "int3"], "dtype"),
     (["--bogus"], "--bogus"),
+    (["--gap", "4"], "--gap needs --suffix"),
+    (["--suffix", "y", "--gap", "16"], "gap must be between 1 and 15"),
+    (["--suffix", ""], "non-empty suffix"),
 ])
 def test_bad_flags(ckpt_a, capsys, argv, needle):
     code, _, err = run_cli(capsys, "run", "-m", str(ckpt_a), "-p", "x", *argv)
@@ -79,6 +82,8 @@ def test_bad_prompts(ckpt_a, ckpt_b, capsys):
     assert_one_line_error(*run_cli(capsys, "run", "-m", str(ckpt_a), "--ids", "1,x")[::2], "--ids")
     assert_one_line_error(*run_cli(capsys, "run", "-m", str(ckpt_a), "--ids", "1,99999")[::2], "out of range")
     assert_one_line_error(*run_cli(capsys, "run", "-m", str(ckpt_b), "-p", "hi")[::2], "tokenizer")
+    assert_one_line_error(*run_cli(capsys, "run", "-m", str(ckpt_a), "--ids", "1,2", "--suffix", "y")[::2],
+                          "--suffix needs a text prompt")
 
 
 def broken_copy(src, dst, edit_config=None, edit_tensors=None):

@@ -14,6 +14,7 @@ from dgrun.cli.options import (Backend, Confidence, Dtype, EntropyBound, Model, 
 from dgrun.errors import DgrunError
 from dgrun.generate import SamplerConfig
 
+
 def parse_ids(text: str) -> list[int]:
     try:
         ids = [int(t) for t in text.replace(",", " ").split()]
