@@ -31,7 +31,7 @@ class Scripted:
     def rng(self, seed):
         return None
 
-    def start_block(self, rng, cfg):
+    def start_block(self, rng, cfg, fixed=None):
         return SimpleNamespace(argmax=next(self.canvases), steps=0)
 
     def step(self, state, cache, temperature, cfg, rng):
