@@ -68,7 +68,7 @@ def test_two_turns_stats_visual_ctrl_c_exit(ckpt_chat):
 
 def test_ctrl_c_at_prompt_then_ctrl_d(ckpt_chat):
     child = spawn(ckpt_chat)
-    time.sleep(0.5)  # a Ctrl-C in the same instant as the first prompt was lost in some full-suite runs (CI, 2026-11-23)
+    time.sleep(0.5)  # a Ctrl-C in the very instant of the first prompt was lost in some full-suite runs
     child.sendintr()
     child.expect(r"Ctrl-D or /exit quits")
     child.expect("> ")
