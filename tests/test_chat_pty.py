@@ -6,8 +6,8 @@ an answer that could never finish on its own, /exit; then Ctrl-C at the prompt a
 
 import os
 import re
+import signal
 import sys
-import time
 
 import pytest
 
@@ -17,10 +17,17 @@ PROMPT = r"\n(?:\x1b\[\?2004h)?> "  # readline may switch bracketed paste on
 STATS = r"context: (\d+) tokens.*?last turn: encoded (\d+) new tokens, reused (\d+) from the cache"
 
 
+def default_sigint():
+    """A terminal's child takes Ctrl-C; a suite started in the background (`cmd &`) runs with SIGINT ignored,
+    which its children would inherit."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def spawn(ckpt):
     env = dict(os.environ, OMP_NUM_THREADS="1", NO_COLOR="1")  # one thread: the test machine is shared
     child = pexpect.spawn(sys.executable, ["-m", "dgrun.cli", "chat", "-m", str(ckpt), "--steps", "2", "-n", "16",
-                                           "-s", "1"], env=env, encoding="utf-8", timeout=90, dimensions=(40, 200))
+                                           "-s", "1"], env=env, encoding="utf-8", timeout=90, dimensions=(40, 200),
+                          preexec_fn=default_sigint)
     child.expect("dgrun chat · template: ")
     child.expect(PROMPT)
     return child
@@ -68,7 +75,6 @@ def test_two_turns_stats_visual_ctrl_c_exit(ckpt_chat):
 
 def test_ctrl_c_at_prompt_then_ctrl_d(ckpt_chat):
     child = spawn(ckpt_chat)
-    time.sleep(0.5)  # a Ctrl-C in the very instant of the first prompt was lost in some full-suite runs
     child.sendintr()
     child.expect(r"Ctrl-D or /exit quits")
     child.expect("> ")
