@@ -51,10 +51,11 @@ class Model:
 
     def generate(self, prompt, cache=None, stop_ids=(), trim_repeats: bool = False, **knobs) -> Result:
         """Text (when a tokenizer is present) and ids, cut at EOS and max_new_tokens, plus stats."""
-        for event in self.stream(prompt, cache, stop_ids, trim_repeats, **knobs):
-            if isinstance(event, Stats):
-                return Result(self.decode(event.ids), event.ids, event)
-        raise AssertionError("stream ended without stats")
+        return self._result(self.stream(prompt, cache, stop_ids, trim_repeats, **knobs))
+
+    def _result(self, events) -> Result:
+        stats = [e for e in events if isinstance(e, Stats)][-1]
+        return Result(self.decode(stats.ids), stats.ids, stats)
 
     def infill(self, prefix, suffix, gap: int | None = None, **knobs) -> Result:
         """Fill the gap between `prefix` and `suffix` (text or ids) in one block: the canvas holds `gap` free
@@ -72,11 +73,10 @@ class Model:
         pinned = [int(t) for t in tail[: canvas - gap]]
         fixed = [-1] * gap + pinned + [-1] * (canvas - gap - len(pinned))  # past a short suffix: free, dropped
         cfg = self.defaults.update(**knobs).update(max_new_tokens=gap)
-        for event in stream(self.backend, head, cfg, self.args.eos_token_id, self.args.pad_token_id, fixed=fixed):
-            if isinstance(event, Stats):
-                event.tokens_per_forward = len(event.ids) / event.steps_per_block[0]  # the gap's tokens only
-                return Result(self.decode(event.ids), event.ids, event)
-        raise AssertionError("stream ended without stats")
+        result = self._result(stream(self.backend, head, cfg, self.args.eos_token_id, self.args.pad_token_id,
+                                     fixed=fixed))
+        result.stats.tokens_per_forward = len(result.ids) / result.stats.steps_per_block[0]  # the gap's tokens only
+        return result
 
     def decode(self, ids: list[int]) -> str:
         """Text of `ids`; <pad> (which the model writes after the end of a text) is never text."""
