@@ -1,12 +1,14 @@
 """Backends: the tensor maths behind the shared block-diffusion loop (dgrun.backends).
 
-A backend is anything with the methods of `Backend`. The loop in `dgrun.generate` holds no tensor maths:
-it calls these, reads one "done" flag per step and the finished canvas once per block.
+A backend is anything with the methods of `Backend`. The loop (dgrun.generate, dgrun.engine) holds no tensor
+maths: it encodes prompts and finished blocks into cache slots, steps B rows at once, reads one done vector per
+step, and reads a row's draft canvas back only when its block ends.
 """
 
 from __future__ import annotations
 
 import platform
+from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
 
 from dgrun.errors import DgrunError
@@ -14,33 +16,51 @@ from dgrun.errors import DgrunError
 BACKENDS = ("cpu", "mlx")
 
 
+@dataclass(slots=True)
+class Row:
+    """A new block for one request: its cache slot, its knobs (a SamplerConfig: seed, schedule, bounds, step
+    limit) and its pins (infilling: a token id or -1 per canvas position)."""
+
+    slot: int
+    cfg: Any
+    block: int = 0
+    fixed: list[int] | None = None
+
+
 class Backend(Protocol):
     name: str
+    args: Any  # ModelArgs: the loop reads canvas_length and vocab_size
 
-    def new_cache(self) -> Any:
-        """An empty KV cache for this backend."""
+    def new_cache(self, slots: int, max_len: int) -> Any:
+        """A preallocated KV cache of `slots` rows, each holding up to `max_len` committed tokens."""
 
-    def encode(self, ids: Sequence[int], cache: Any) -> None:
-        """Commit tokens: run the causal encoder over them and append their K/V to the cache."""
+    def encode(self, slot: int, ids: Sequence[int], cache: Any) -> None:
+        """Commit tokens to a slot: the causal encoder over them (in chunks), their K/V into the cache."""
 
-    def denoise(self, canvas: Any, cache: Any, self_cond_logits: Any = None) -> Any:
-        """One bidirectional decoder pass over a canvas: softcapped float32 logits (canvas_length, vocab)."""
+    def start(self, rows: list[Row], cache: Any) -> Any:
+        """A step state for new blocks: per row a uniform-random canvas drawn from (seed, block), pins applied,
+        positions continuing the row's slot."""
 
-    def rng(self, seed: int) -> Any:
-        """A seeded random generator on the backend's device."""
+    def step(self, state: Any, cache: Any) -> Any:
+        """One denoising step of every row (decoder, sampler, next self-conditioning input) on the device."""
 
-    def start_block(self, rng: Any, sampler: Any, fixed: Sequence[int] | None = None) -> Any:
-        """A new block's fixed-shape step state, starting from a uniform-random canvas. `fixed` (a token
-        id or -1 per canvas position) pins tokens that the sampler never changes: infilling."""
+    def done(self, state: Any) -> list[bool]:
+        """Per row, the stable-and-confident flag: the loop's one host read per step."""
 
-    def step(self, state: Any, cache: Any, temperature: float, sampler: Any, rng: Any) -> Any:
-        """One whole denoising step, sampler included, on device: returns the next state."""
+    def canvas(self, state: Any) -> Any:
+        """(B, canvas_length) argmax drafts, on the device; committed when a row's block ends."""
 
-    def done(self, state: Any) -> bool:
-        """The stable-and-confident flag: the loop's one host read per step."""
+    def take(self, state: Any, index: list[int]) -> Any:
+        """The rows `index` of a state."""
 
-    def tolist(self, ids: Any) -> list[int]:
+    def cat(self, states: list[Any]) -> Any:
+        """The rows of several states in one."""
+
+    def tolist(self, ids: Any) -> list:
         """Token ids on the host."""
+
+    def denoise(self, canvas: Any, cache: Any, self_cond_logits: Any = None, slots: Any = None) -> Any:
+        """One decoder pass, for tests and scripts: softcapped float32 logits (C, V), or (B, C, V)."""
 
 
 def pick(name: str) -> str:
@@ -69,7 +89,7 @@ def create(name: str, args, weights: dict, dtype: str | None = None) -> Backend:
         from dgrun.backends.mlx import MlxBackend
 
         return MlxBackend(args, weights, dtype=dtype)
-    from dgrun.backends.cpu import CpuBackend
+    from dgrun.backends.torch.model import TorchBackend
     from dgrun.convert.affine import dequantizing
 
-    return CpuBackend(args, dequantizing(weights), dtype=dtype or "float32")  # MLX-affine weights as float
+    return TorchBackend(args, dequantizing(weights), dtype=dtype or "float32")  # MLX-affine weights as float

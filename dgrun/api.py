@@ -8,8 +8,10 @@ from typing import Iterator
 
 from dgrun import checkpoint, tokenizer
 from dgrun.backends import create
+from dgrun.engine import Engine
 from dgrun.errors import DgrunError
-from dgrun.generate import Block, Draft, SamplerConfig, Stats, stream
+from dgrun.generate import Block, Draft, Prefill, Request, SamplerConfig, Stats, cache_need, stream
+from dgrun.models.diffusion_gemma import context_limit
 
 
 @dataclass
@@ -24,11 +26,12 @@ class Model:
     stability_threshold, confidence_threshold, max_new_tokens, seed."""
 
     def __init__(self, ckpt: checkpoint.Checkpoint, backend: str = "auto", dtype: str | None = None,
-                 tok: tokenizer.Tokenizer | None = None):
+                 tok: tokenizer.Tokenizer | None = None, ctx_size: int | None = None):
         self.args = ckpt.args
         self.backend = create(backend, ckpt.args, ckpt.weights, dtype)
         self.defaults = SamplerConfig().update(**ckpt.defaults)
         self.tokenizer = tok
+        self.ctx = context_limit(ckpt.args, ctx_size)  # tokens a cache slot holds: prompt + committed blocks
 
     # --- generation ---------------------------------------------------------------------------
 
@@ -40,18 +43,65 @@ class Model:
         return [int(t) for t in prompt]
 
     def stream(self, prompt, cache=None, stop_ids=(), trim_repeats: bool = False,
-               **knobs) -> Iterator[Draft | Block | Stats]:
+               **knobs) -> Iterator[Draft | Prefill | Block | Stats]:
         """Yield a `Draft` per denoising step (its `.ids` is the argmax canvas), a `Block` per committed
-        block, and the final `Stats`. `cache` (from `new_cache()`) keeps earlier context. `stop_ids` end
-        generation like EOS (e.g. end-of-turn); `trim_repeats` drops a block that repeats the previous one."""
+        block, and the final `Stats` (a `Prefill` per chunk of a long prompt). `cache` (from `new_cache()`)
+        keeps earlier context. `stop_ids` end generation like EOS (e.g. end-of-turn); `trim_repeats` drops a
+        block that repeats the previous one.
+        A list of prompts runs as one batch: every event carries its prompt's `prompt_index`, and each prompt
+        ends with its own Stats. `seed` may then be a list, one per prompt."""
+        if is_batch(prompt):
+            yield from self._stream_batch(list(prompt), stop_ids, trim_repeats, knobs)
+            return
         cfg = self.defaults.update(**knobs)
-        eos = list(self.args.eos_token_id) + [int(t) for t in stop_ids]
-        yield from stream(self.backend, self._prompt_ids(prompt), cfg, eos, self.args.pad_token_id, cache,
-                          trim_repeats)
+        ids = self._prompt_ids(prompt)
+        if cache is None:
+            self._check_fits(len(ids))
+            cache = self.backend.new_cache(1, max(1, min(self.ctx, cache_need(len(ids), cfg, self.args.canvas_length))))
+        yield from stream(self.backend, ids, cfg, self._eos(stop_ids), self.args.pad_token_id, cache, trim_repeats)
 
-    def generate(self, prompt, cache=None, stop_ids=(), trim_repeats: bool = False, **knobs) -> Result:
-        """Text (when a tokenizer is present) and ids, cut at EOS and max_new_tokens, plus stats."""
-        return self._result(self.stream(prompt, cache, stop_ids, trim_repeats, **knobs))
+    def _stream_batch(self, prompts: list, stop_ids, trim_repeats: bool, knobs: dict):
+        seeds = knobs.pop("seed", None)
+        seeds = seeds if isinstance(seeds, (list, tuple)) else [seeds] * len(prompts)
+        if len(seeds) != len(prompts):
+            raise DgrunError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+        cfgs = [self.defaults.update(**knobs, seed=s) for s in seeds]
+        ids = [self._prompt_ids(p) for p in prompts]
+        for x in ids:
+            if not x:
+                raise DgrunError("empty prompt")
+            self._check_fits(len(x))
+        need = max(cache_need(len(x), c, self.args.canvas_length) for x, c in zip(ids, cfgs))
+        engine = Engine(self.backend, self.backend.new_cache(len(ids), min(self.ctx, need)))
+        reqs = [Request(x, c, self._eos(stop_ids), self.args.pad_token_id, trim_repeats, index=i)
+                for i, (x, c) in enumerate(zip(ids, cfgs))]
+        for req in reqs:
+            engine.add(req)
+        try:
+            while engine.busy:
+                for req, event in engine.step():
+                    yield event
+                    if isinstance(event, Block) and req.finished:
+                        yield req.close()
+        finally:
+            for req in reqs:
+                engine.cancel(req)
+
+    def _eos(self, stop_ids) -> list[int]:
+        return list(self.args.eos_token_id) + [int(t) for t in stop_ids]
+
+    def _check_fits(self, n: int) -> None:
+        if n > self.ctx:
+            raise DgrunError(f"the prompt is {n} tokens, over the context limit of {self.ctx} (-c/--ctx-size)")
+
+    def generate(self, prompt, cache=None, stop_ids=(), trim_repeats: bool = False, **knobs):
+        """Text (when a tokenizer is present) and ids, cut at EOS and max_new_tokens, plus stats. A list of
+        prompts runs as one batch and returns a list of `Result`s in order."""
+        events = self.stream(prompt, cache, stop_ids, trim_repeats, **knobs)
+        if not is_batch(prompt):
+            return self._result(events)
+        stats = {e.prompt_index: e for e in events if isinstance(e, Stats)}
+        return [Result(self.decode(stats[i].ids), stats[i].ids, stats[i]) for i in range(len(stats))]
 
     def _result(self, events) -> Result:
         stats = [e for e in events if isinstance(e, Stats)][-1]
@@ -85,25 +135,33 @@ class Model:
 
     # --- low level, for parity tests and scripts ----------------------------------------------
 
-    def new_cache(self):
-        """An empty KV cache."""
-        return self.backend.new_cache()
+    def new_cache(self, slots: int = 1):
+        """An empty KV cache of `slots` rows, each holding up to the context limit (`ctx_size`)."""
+        return self.backend.new_cache(slots, self.ctx)
 
-    def encode(self, ids, cache) -> None:
-        """Commit tokens through the causal encoder into `cache`."""
-        self.backend.encode(self._prompt_ids(ids), cache)
+    def encode(self, ids, cache, slot: int = 0) -> None:
+        """Commit tokens through the causal encoder into a cache slot."""
+        self.backend.encode(slot, self._prompt_ids(ids), cache)
 
-    def denoise(self, canvas_ids, cache, self_cond_logits=None):
-        """One decoder pass: softcapped logits (canvas_length, vocab) for `canvas_ids` given `cache`.
+    def denoise(self, canvas_ids, cache, self_cond_logits=None, slots=None):
+        """One decoder pass: softcapped logits (canvas_length, vocab) for `canvas_ids` given `cache`, or
+        (B, canvas_length, vocab) for B canvases over cache slots `slots` (default 0..B-1).
         `self_cond_logits` is the previous step's processed logits (softcapped / temperature), or None."""
-        return self.backend.denoise(canvas_ids, cache, self_cond_logits)
+        return self.backend.denoise(canvas_ids, cache, self_cond_logits, slots)
 
 
-def load(path=None, backend: str = "auto", dtype: str | None = None) -> Model:
+def is_batch(prompt) -> bool:
+    """A list of prompts (texts or id lists), as opposed to one prompt given as text or ids."""
+    return isinstance(prompt, (list, tuple)) and len(prompt) > 0 and all(
+        isinstance(p, (str, list, tuple)) for p in prompt)
+
+
+def load(path=None, backend: str = "auto", dtype: str | None = None, ctx_size: int | None = None) -> Model:
     """Load an HF checkpoint directory or a GGUF file (its tokenizer comes from the file), a hub repo
     id `user/repo[:QUANT]`, or with no path the embedded default model (models/tiny-stdlib.md).
     backend: "auto" | "cpu" | "mlx"; dtype: "float32" | "bfloat16" (mlx also "float16", "q4", "q8":
-    quantize at load)."""
+    quantize at load). ctx_size: tokens a cache slot holds (default: the model's context length, capped by
+    memory)."""
     from dgrun import hub
     from dgrun.models import DEFAULT_MODEL
 
@@ -111,4 +169,4 @@ def load(path=None, backend: str = "auto", dtype: str | None = None) -> Model:
     if hub.is_repo_id(str(path)):
         path = hub.resolve(str(path))
     ckpt = checkpoint.load(path)
-    return Model(ckpt, backend, dtype, tokenizer.find(Path(path).expanduser()))
+    return Model(ckpt, backend, dtype, tokenizer.find(Path(path).expanduser()), ctx_size)

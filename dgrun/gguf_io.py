@@ -139,6 +139,7 @@ def model_args(reader: GGUFFile, path: Path, vocab_size: int, rope_freqs) -> Mod
         top_k_experts=int(_scalar(reader, path, k("expert_used_count"))),
         moe_intermediate_size=int(_scalar(reader, path, k("expert_feed_forward_length"))),
         canvas_length=int(_scalar(reader, path, "diffusion.canvas_length")),
+        max_position_embeddings=int(_scalar(reader, path, k("context_length"), 131_072)),
         pad_token_id=field_value(reader, "tokenizer.ggml.padding_token_id", 0),
         bos_token_id=field_value(reader, "tokenizer.ggml.bos_token_id", 2),
         eos_token_id=eos_ids(reader, eos),

@@ -55,6 +55,7 @@ class ModelArgs:
     moe_intermediate_size: int = 704
     hidden_activation: str = "gelu_pytorch_tanh"
     canvas_length: int = 256
+    max_position_embeddings: int = 131_072  # the context length (GGUF `context_length`)
     pad_token_id: int | None = 0
     bos_token_id: int | None = 2
     eos_token_id: list[int] = field(default_factory=lambda: [1])
@@ -77,7 +78,8 @@ class ModelArgs:
         if self.hidden_activation not in ("gelu_pytorch_tanh", "gelu_tanh"):
             raise DgrunError(f"config: unsupported hidden_activation {self.hidden_activation!r}")
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_experts",
-                     "top_k_experts", "moe_intermediate_size", "canvas_length", "sliding_window"):
+                     "top_k_experts", "moe_intermediate_size", "canvas_length", "sliding_window",
+                     "max_position_embeddings"):
             if int(getattr(self, name)) <= 0:
                 raise DgrunError(f"config: {name} must be positive")
         if self.top_k_experts > self.num_experts:
@@ -132,6 +134,27 @@ class ModelArgs:
     @property
     def embed_scale(self) -> float:
         return self.hidden_size**0.5
+
+
+def kv_bytes_per_token(args: ModelArgs, dtype_bytes: int = 4) -> int:
+    """Cache bytes one committed token takes on the full layers (sliding layers hold a fixed ring)."""
+    return sum(2 * s.n_kv_heads * s.head_dim * dtype_bytes for s in args.layers if not s.sliding)
+
+
+def context_limit(args: ModelArgs, requested: int | None = None, budget: int | None = None) -> int:
+    """Tokens a cache slot holds: `requested` (-c/--ctx-size), else the model's context length capped so one
+    float32 slot takes at most `budget` bytes (a quarter of this machine's memory)."""
+    if requested is not None:
+        if not isinstance(requested, int) or isinstance(requested, bool) or requested <= 0:
+            raise DgrunError(f"ctx_size must be a positive integer, got {requested!r}")
+        if requested > args.max_position_embeddings:
+            raise DgrunError(f"ctx_size {requested} exceeds the model's context length {args.max_position_embeddings}")
+        return requested
+    if budget is None:
+        import os
+
+        budget = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    return max(1, min(args.max_position_embeddings, budget // max(1, kv_bytes_per_token(args))))
 
 
 def rope_inv_freq(spec: LayerSpec):

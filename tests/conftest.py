@@ -2,6 +2,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -52,19 +53,57 @@ def ckpt_k(tmp_path_factory):
     return path
 
 
+class KeyedDraws:
+    """The reference's random draws replaced by dgrun's keyed ones (backends/torch/rng.py): its canvas and
+    renoise `torch.randint` calls and its `torch.multinomial` draw, for row r, what dgrun draws for
+    (seeds[r], block, step). The reference calls randint once per block to start, then per step multinomial
+    followed by randint (renoise)."""
+
+    def __init__(self, real_randint, seeds=(0,)):
+        self.real_randint = real_randint
+        self.seed(*seeds)
+
+    def seed(self, *seeds):
+        from dgrun.backends.torch.rng import split_seed
+
+        self.seeds = torch.tensor([split_seed(s) for s in seeds])
+        self.block, self.step, self.renoise = -1, 0, False
+
+    def _keys(self, b):
+        assert b == len(self.seeds), f"{b} rows for {len(self.seeds)} seeds"
+        return self.seeds, torch.full((b,), self.block), torch.full((b,), self.step)
+
+    def randint(self, *args, **kwargs):
+        if "generator" in kwargs or "size" not in kwargs:
+            return self.real_randint(*args, **kwargs)
+        from dgrun.backends.torch import rng
+
+        (b, c), high = kwargs["size"], kwargs["high"]
+        if self.renoise:
+            self.renoise, stream = False, rng.NOISE
+        else:  # a new block's first canvas
+            self.block, self.step, stream = self.block + 1, 0, rng.CANVAS
+        return rng.tokens(*self._keys(b), stream, c, high)
+
+    def multinomial(self, probs, num_samples=1, replacement=False, generator=None):
+        from dgrun.backends.torch import rng
+        from dgrun.backends.torch.sampler import draw
+
+        assert num_samples == 1
+        self.step += 1
+        self.renoise = True
+        b = len(self.seeds)
+        u = rng.uniform(*self._keys(b), rng.DRAW, probs.shape[0] // b)
+        return draw(probs, u.reshape(-1))[:, None]
+
+
 @pytest.fixture
 def reference_draws(monkeypatch):
-    """Feed the reference the same random draws as dgrun: its `torch.multinomial(probs, 1)` call becomes
-    dgrun's inverse-CDF draw on the global generator, which the reference seeds with torch.manual_seed."""
-    import torch
-
-    from dgrun.backends.torch_sampler import draw
-
-    def multinomial(probs, num_samples=1, replacement=False, generator=None):
-        assert num_samples == 1
-        return draw(probs, generator or torch.default_generator)
-
-    monkeypatch.setattr(torch, "multinomial", multinomial)
+    """Feed the reference dgrun's draws (KeyedDraws); call `.seed(*seeds)` before each reference generate."""
+    keyed = KeyedDraws(torch.randint)
+    monkeypatch.setattr(torch, "randint", keyed.randint)
+    monkeypatch.setattr(torch, "multinomial", keyed.multinomial)
+    return keyed
 
 
 @pytest.fixture(scope="session")

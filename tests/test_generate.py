@@ -12,8 +12,8 @@ from dgrun.generate import Block, Draft, Stats
 PROMPT = list(range(3, 23))  # 20 tokens: longer than the sliding window (8)
 
 
-def ref_generate(ref, seed, eos=None, **kw):
-    torch.manual_seed(seed)
+def ref_generate(ref, draws, seed, eos=None, **kw):
+    draws.seed(seed)
     with torch.no_grad():
         out = ref.generate(torch.tensor([PROMPT]), eos_token_id=eos, pad_token_id=0, **kw)
     return out.sequences[0, len(PROMPT):].tolist(), float(out.tokens_per_forward[0])
@@ -36,7 +36,7 @@ def test_tokens_match_reference_generate(models, knobs, reference_draws):
     del ref_kw["steps"]
     if "entropy_bound" in ref_kw:  # the reference takes it inside sampler_config
         ref_kw["sampler_config"] = EntropyBoundSamplerConfig(entropy_bound=ref_kw.pop("entropy_bound"))
-    ref_ids, ref_tpf = ref_generate(ref, 11, max_new_tokens=40, **ref_kw)
+    ref_ids, ref_tpf = ref_generate(ref, reference_draws, 11, max_new_tokens=40, **ref_kw)
     res = m.generate(PROMPT, seed=11, max_new_tokens=40, **knobs)
     assert res.stats.blocks == 3  # 40 tokens over canvases of 16
     assert res.ids == ref_ids[:40]  # the reference returns whole blocks; dgrun cuts at max_new_tokens
@@ -54,7 +54,7 @@ def test_eos_trims_like_reference(models, reference_draws):
     res = m.generate(PROMPT, seed=5, max_new_tokens=48, **knobs)
     assert res.ids == free[:first]  # EOS and everything after it dropped
     assert res.stats.blocks == first // 16 + 1
-    ref_ids, ref_tpf = ref_generate(ref, 5, eos=eos, max_new_tokens=48, max_denoising_steps=3,
+    ref_ids, ref_tpf = ref_generate(ref, reference_draws, 5, eos=eos, max_new_tokens=48, max_denoising_steps=3,
                                     stability_threshold=0, confidence_threshold=1e-9)
     assert ref_ids[:first + 1] == free[:first + 1] and all(t == 0 for t in ref_ids[first + 1:])
     assert res.stats.tokens_per_forward == pytest.approx(ref_tpf)

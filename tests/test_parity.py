@@ -74,7 +74,7 @@ def test_long_prompt_in_chunks_equals_one_prefill(ckpt_a):
     m.encode(prompt[0].tolist(), one)
     for chunk in (prompt[0, :7], prompt[0, 7:8], prompt[0, 8:30]):
         m.encode(chunk.tolist(), parts)
-    assert one.length == parts.length == 30
+    assert one.lengths == parts.lengths == [30]
     torch.testing.assert_close(m.denoise(canvas[0], one), m.denoise(canvas[0], parts), atol=1e-4, rtol=0)
 
 

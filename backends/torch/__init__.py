@@ -1,0 +1,1 @@
+"""The torch backends: one batch-first forward (model.py) over ops chosen by device."""

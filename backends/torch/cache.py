@@ -1,0 +1,81 @@
+"""A static KV cache of `slots` rows, preallocated once: nothing grows, so a step keeps its shapes.
+
+A sliding layer is a ring of `sliding_window - 1` positions per slot (the reference keeps exactly the last W-1
+tokens): token p lives at p mod (W-1), and `pos` records which absolute position each entry holds (-1: empty).
+A full layer holds `max_len` positions per slot, token p at index p. Keys are stored after RoPE, so entry order
+does not matter to the bidirectional canvas; the causal encoder masks by `pos`. Lengths live on the host: the
+engine knows them without reading the device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dgrun.errors import DgrunError
+
+
+class SlotCache:
+    def __init__(self, specs, slots: int, max_len: int, sliding_window: int, dtype, device):
+        self.slots, self.max_len, self.ring = slots, max_len, sliding_window - 1
+        self.sliding = [s.sliding for s in specs]
+        self.keys, self.values, self.pos = [], [], []
+        for spec in specs:
+            size = max(self.ring, 1) if spec.sliding else max_len  # W = 1 keeps nothing: one entry, never valid
+            shape = (slots, spec.n_kv_heads, size, spec.head_dim)
+            self.keys.append(torch.zeros(shape, dtype=dtype, device=device))
+            self.values.append(torch.zeros(shape, dtype=dtype, device=device))
+            self.pos.append(torch.full((slots, size), -1, dtype=torch.int64, device=device) if spec.sliding else None)
+        self.lengths = [0] * slots  # committed tokens per slot
+
+    def reset(self, slot: int) -> None:
+        """Forget a slot's tokens (full layers need nothing: entries past the length are never read)."""
+        self.lengths[slot] = 0
+        for pos in self.pos:
+            if pos is not None:
+                pos[slot] = -1
+
+    def reserve(self, slot: int, n: int) -> None:
+        if self.lengths[slot] + n > self.max_len:
+            raise DgrunError(f"context full: {self.lengths[slot]} + {n} tokens exceed the context limit of "
+                             f"{self.max_len} (-c/--ctx-size)")
+
+    def write(self, i: int, slot: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, start: int):
+        """New tokens' K/V (1, kv_heads, n, head_dim) at absolute positions start..start+n-1."""
+        n = k.shape[2]
+        if self.sliding[i]:
+            if self.ring == 0:
+                return
+            keep = min(n, self.ring)
+            idx = positions[n - keep:] % self.ring
+            self.keys[i][slot, :, idx] = k[0, :, n - keep:]
+            self.values[i][slot, :, idx] = v[0, :, n - keep:]
+            self.pos[i][slot, idx] = positions[n - keep:]
+        else:
+            self.keys[i][slot, :, start:start + n] = k[0]
+            self.values[i][slot, :, start:start + n] = v[0]
+
+    def view(self, i: int, slots: list[int]):
+        """(keys, values, valid) for the rows `slots`: keys (B, kv, L, d); valid (B, L) bool, or None when every
+        entry is valid. A full layer shows its first max-length entries, a sliding layer its whole ring."""
+        lengths = [self.lengths[s] for s in slots]
+        if self.sliding[i]:
+            size = self.keys[i].shape[2]
+            all_valid = min(lengths) >= size and self.ring > 0
+        else:
+            size = max(lengths)
+            all_valid = min(lengths) == size
+        first = slots[0]
+        if slots == list(range(first, first + len(slots))):  # contiguous slots: a view, no copy
+            keys = self.keys[i][first:first + len(slots), :, :size]
+            values = self.values[i][first:first + len(slots), :, :size]
+            pos = None if self.pos[i] is None else self.pos[i][first:first + len(slots)]
+        else:
+            idx = torch.tensor(slots, device=self.keys[i].device)
+            keys, values = self.keys[i][idx, :, :size], self.values[i][idx, :, :size]
+            pos = None if self.pos[i] is None else self.pos[i][idx]
+        if all_valid:
+            return keys, values, None
+        if pos is not None:
+            return keys, values, pos >= 0
+        lens = torch.tensor(lengths, device=keys.device)
+        return keys, values, torch.arange(size, device=keys.device)[None, :] < lens[:, None]
