@@ -55,10 +55,10 @@ def make_checkpoint(path: Path, shape: dict, canvas_length: int = 16, seed: int 
     return path
 
 
-def reference(path: Path, dtype=torch.float32):
+def reference(path: Path, dtype=torch.float32, attn: str = "eager"):
     from transformers import DiffusionGemmaForBlockDiffusion
 
-    return DiffusionGemmaForBlockDiffusion.from_pretrained(path, dtype=dtype, attn_implementation="eager").eval()
+    return DiffusionGemmaForBlockDiffusion.from_pretrained(path, dtype=dtype, attn_implementation=attn).eval()
 
 
 CORPUS = [
