@@ -7,26 +7,25 @@ here: its fused kernels and its fallback (scores matmul, float32 softmax, matmul
 Metal, MLX 0.32 has no fused kernel for 256 queries at head dims 256 or 512, so the canvas takes the fallback.
 Both the bidirectional canvas (over cache + canvas) and the causal sliding encoder use one boolean mask.
 
-The KV cache (mlx_cache.py) has fixed-size slots, each holding its absolute position, so the step keeps its
-shapes and the masks need nothing else.
+The KV cache (mlx_cache.py) is static slots, one per row; each entry records its absolute position, so the
+masks need nothing else. Rows step together at any step of any request, as in the torch backend.
 
-A denoising step (decoder + sampler) is one function of arrays, `mx.compile`d on Metal (see compile_enabled):
-no host read inside it (MLX raises if a compiled function tries). The loop's `done()` is the one host sync
-per step; `step` queues the work with `mx.async_eval` and returns at once.
+A denoising step (decoder + sampler + next self-conditioning input) is one function of arrays, `mx.compile`d
+on Metal (see compile_enabled): no host read inside it (MLX raises if a compiled function tries). The loop's
+`done()` is the one host sync per step; `step` queues the work with `mx.async_eval` and returns at once.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
-
 import mlx.core as mx
 import numpy as np
 import torch
 
 from dgrun.backends import mlx_sampler
-from dgrun.backends.mlx_cache import MlxCache
+from dgrun.backends.mlx_cache import MlxSlotCache
+from dgrun.backends.mlx_sampler import MlxState
 from dgrun.backends.mlx_weights import DTYPES, QLinear, as_numpy, default_dtype, prepare
 from dgrun.convert.mlx_policy import policy_for
 from dgrun.errors import DgrunError
@@ -34,21 +33,6 @@ from dgrun.models.diffusion_gemma import ModelArgs, rope_inv_freq
 
 ENCODE_CHUNK = 512  # prompt tokens per encoder pass: bounds the (chunk x context) score matrices
 QUANTIZE_AT_LOAD = {"q4": "mlx-q4", "q8": "mlx-q8"}
-
-
-@dataclass
-class MlxState:
-    canvas: mx.array  # (1, C) int32: the next decoder input
-    argmax: mx.array  # (1, C) int32: the draft
-    sc: mx.array | None  # (C, V) self-conditioning probabilities in the compute dtype; None on the first step
-    history: mx.array  # (stability_threshold, 1, C) int32
-    done: mx.array  # () bool
-    fixed: mx.array  # (1, C) int32: tokens pinned in place (infilling), -1 where free
-
-
-@dataclass
-class MlxRng:
-    key: mx.array  # advanced by every draw, so one seed fixes the whole run
 
 
 def compile_enabled() -> bool:
@@ -100,82 +84,82 @@ class MlxBackend:
         self.w = prepare(weights, self.dtype, policy)
         self.inv_freq = [mx.array(rope_inv_freq(s).numpy()) for s in self.specs]
         self.embed_scale = mx.array(args.embed_scale, dtype=self.dtype)
-        self.chunk = 8 * args.canvas_length  # full-layer cache growth: the compiled step retraces only then
+        self.chunk = 8 * args.canvas_length  # full-layer context seen by a step: the compiled step retraces only then
         self.compiled = compile_enabled()
-        jit = mx.compile if self.compiled else (lambda f: f)
-        self._decode_first = jit(lambda c, k, v, p, o: self._decode(c, None, k, v, p, o))
-        self._decode_next = jit(self._decode)
-        self._step_first = jit(lambda c, *rest: self._step(c, None, *rest))
-        self._step_next = jit(self._step)
+        self._step_fn = mx.compile(self._step) if self.compiled else self._step
 
     # --- the Backend protocol -------------------------------------------------------------------
 
-    def new_cache(self) -> MlxCache:
-        return MlxCache.empty(self.specs, self.args.sliding_window, self.chunk, self.dtype)
+    def new_cache(self, slots: int, max_len: int) -> MlxSlotCache:
+        return MlxSlotCache(self.specs, slots, max_len, self.args.sliding_window, self.dtype, self.chunk)
 
-    def rng(self, seed: int) -> MlxRng:
-        return MlxRng(mx.random.key(int(seed)))
-
-    def encode(self, ids, cache: MlxCache) -> None:
+    def encode(self, slot: int, ids, cache: MlxSlotCache) -> None:
         ids = as_numpy(ids).astype(np.int64).reshape(-1)
         if ids.size == 0:
             return
         if ids.max() >= self.args.vocab_size or ids.min() < 0:
             raise DgrunError(f"token id out of range for vocab_size {self.args.vocab_size}")
+        cache.reserve(slot, ids.size)
         for start in range(0, ids.size, ENCODE_CHUNK):
-            self._encode_chunk(mx.array(ids[start:start + ENCODE_CHUNK].astype(np.int32))[None], cache)
-        mx.async_eval(cache.keys, cache.values, cache.pos)
+            self._encode_chunk(slot, mx.array(ids[start:start + ENCODE_CHUNK].astype(np.int32))[None], cache)
+        mx.async_eval(cache.keys, cache.values, [p for p in cache.pos if p is not None])
 
-    def denoise(self, canvas, cache: MlxCache, self_cond_logits=None) -> torch.Tensor:
-        """Softcapped float32 logits (C, V) as a torch tensor, like the cpu backend (for tests and scripts)."""
-        canvas = mx.array(as_numpy(canvas).astype(np.int32).reshape(1, -1))
-        kv = (cache.keys, cache.values, cache.pos, mx.array(cache.length, dtype=mx.int32))
+    def start(self, rows, cache: MlxSlotCache) -> MlxState:
+        return mlx_sampler.start(rows, [cache.lengths[r.slot] for r in rows], self.args.vocab_size,
+                                 self.args.canvas_length, self.args.hidden_size, self.dtype)
+
+    def step(self, state: MlxState, cache: MlxSlotCache) -> MlxState:
+        views = [cache.view(i, state.slot) for i in range(len(self.specs))]
+        out = self._step_fn(state.canvas, state.soft, state.offset, views, state.seed, state.block, state.step,
+                            state.steps, state.t_min, state.t_span, state.bound, state.confidence, state.stability,
+                            state.fixed, state.history)
+        mx.async_eval(*out)  # queue the work; done() waits for it
+        canvas, argmax, soft, history, done, step = out
+        return MlxState(state.slot, state.offset, state.seed, state.block, step, state.steps, state.t_min,
+                        state.t_span, state.bound, state.confidence, state.stability, canvas, argmax, state.fixed,
+                        history, soft, done)
+
+    def done(self, state: MlxState) -> list[bool]:
+        return np.array(state.done).tolist()
+
+    def canvas(self, state: MlxState) -> mx.array:
+        return state.argmax
+
+    take = staticmethod(mlx_sampler.take)
+    cat = staticmethod(mlx_sampler.cat)
+
+    def tolist(self, ids) -> list:
+        return np.array(ids).tolist()
+
+    def denoise(self, canvas, cache: MlxSlotCache, self_cond_logits=None, slots=None) -> torch.Tensor:
+        """Softcapped float32 logits as a torch tensor, like the torch backend: canvas (C,) -> (C, V), or
+        (B, C) -> (B, C, V) over cache slots `slots` (default 0..B-1)."""
+        canvas = as_numpy(canvas).astype(np.int32)
+        one = canvas.ndim == 1
+        canvas = mx.array(canvas.reshape(-1, canvas.shape[-1]))
+        slots = list(range(canvas.shape[0])) if slots is None else list(slots)
         if self_cond_logits is None:
-            logits = self._decode_first(canvas, *kv)
+            soft = mx.zeros(canvas.shape + (self.args.hidden_size,), dtype=self.dtype)
         else:  # as the reference: softmax in float32 of the logits cast to the compute dtype
-            sc = mx.array(as_numpy(self_cond_logits).astype(np.float32)).astype(self.dtype)
-            sc = mx.softmax(sc.astype(mx.float32), axis=-1, precise=True).astype(self.dtype)
-            logits = self._decode_next(canvas, sc, *kv)
-        return torch.from_numpy(np.array(logits))
-
-    def start_block(self, rng: MlxRng, sampler, fixed=None) -> MlxState:
-        canvas, history, fixed, rng.key = mlx_sampler.start_block(
-            rng.key, self.args.vocab_size, self.args.canvas_length, sampler.stability_threshold, fixed)
-        return MlxState(canvas, canvas, None, history, mx.array(False), fixed)
-
-    def step(self, state: MlxState, cache: MlxCache, temperature: float, sampler, rng: MlxRng) -> MlxState:
-        args = self.step_inputs(state, cache, temperature, sampler, rng)
-        if state.sc is None:
-            out = self._step_first(state.canvas, *args)
-        else:
-            out = self._step_next(state.canvas, state.sc, *args)
-        canvas, argmax, sc, history, done, rng.key = out
-        mx.async_eval(canvas, argmax, sc, history, done, rng.key)  # queue the work; done() waits for it
-        return MlxState(canvas, argmax, sc, history, done, state.fixed)
-
-    def step_inputs(self, state: MlxState, cache: MlxCache, temperature: float, sampler, rng: MlxRng) -> tuple:
-        """Everything the step reads after the canvas and self-conditioning, as arrays: knobs as 0-d arrays
-        so a new temperature or bound does not retrace the compiled step."""
-        return (cache.keys, cache.values, cache.pos, mx.array(cache.length, dtype=mx.int32),
-                mx.array(temperature, dtype=mx.float32), rng.key, state.history, state.fixed,
-                mx.array(sampler.entropy_bound, dtype=mx.float32),
-                mx.array(sampler.confidence_threshold, dtype=mx.float32))
-
-    def done(self, state: MlxState) -> bool:
-        return bool(state.done.item())
-
-    def tolist(self, ids) -> list[int]:
-        return np.array(ids).reshape(-1).tolist()
+            sc = mx.array(as_numpy(self_cond_logits).astype(np.float32)).reshape(*canvas.shape, -1)
+            probs = mx.softmax(sc.astype(self.dtype).astype(mx.float32), axis=-1, precise=True).astype(self.dtype)
+            soft = self._soft_embedding(probs)
+        offset = mx.array([cache.lengths[s] for s in slots], dtype=mx.int32)
+        views = [cache.view(i, slots) for i in range(len(self.specs))]
+        logits = self._logits(self._decode(canvas, soft, offset, views))
+        out = torch.from_numpy(np.array(logits))
+        return out[0] if one else out
 
     # --- the compiled step ----------------------------------------------------------------------
 
-    def _step(self, canvas, sc, keys, values, pos, offset, temperature, key, history, fixed, bound, confidence):
-        logits = self._decode(canvas, sc, keys, values, pos, offset)
-        canvas, argmax, probs, history, done, key = mlx_sampler.sampler_step(
-            logits, temperature, key, history, fixed, bound, confidence)
+    def _step(self, canvas, soft, offset, views, seed, block, step, steps, t_min, t_span, bound, confidence,
+              stability, fixed, history):
+        logits = self._logits(self._decode(canvas, soft, offset, views))
+        canvas, argmax, processed, probs, history, done, step = mlx_sampler.sample(
+            logits, seed, block, step, steps, t_min, t_span, bound, confidence, stability, fixed, history)
         if self.dtype != mx.float32:  # the reference re-takes the softmax of the logits cast to the dtype
-            probs = mx.softmax((logits / temperature).astype(self.dtype).astype(mx.float32), axis=-1, precise=True)
-        return canvas, argmax, probs.astype(self.dtype), history, done, key
+            probs = mx.softmax(processed.astype(self.dtype).astype(mx.float32), axis=-1, precise=True)
+        return canvas, argmax, self._soft_embedding(probs.astype(self.dtype)), history, done, step
 
     # --- the forward ----------------------------------------------------------------------------
 
@@ -190,44 +174,50 @@ class MlxBackend:
             rows = e[ids]
         return rows * self.embed_scale
 
-    def _self_condition(self, x: mx.array, probs: mx.array) -> mx.array:
+    def _soft_embedding(self, probs: mx.array) -> mx.array:
+        """softmax(previous logits) @ embedding, scaled like the embedding: the self-conditioning input."""
         e = self.w["token_embd.weight"]
-        probs = probs.reshape(1, *probs.shape[-2:])
         if isinstance(e, QLinear):  # probs @ E with E packed along its rows: no transpose
             soft = mx.quantized_matmul(probs, e.w, e.scales, e.biases, transpose=False, group_size=e.group_size,
                                        bits=e.bits)
         else:
             soft = probs @ e
-        h = self._norm(soft * self.embed_scale, "self_cond_pre_norm.weight")
+        return soft * self.embed_scale
+
+    def _self_condition(self, x: mx.array, soft: mx.array) -> mx.array:
+        """A zero soft embedding adds exactly nothing (rms_norm(0) = gelu(0) = 0): a block's first step."""
+        h = self._norm(soft, "self_cond_pre_norm.weight")
         gate, up = linear(h, self.w["self_cond_gate.weight"]), linear(h, self.w["self_cond_up.weight"])
         signal = linear(gelu(gate) * up, self.w["self_cond_down.weight"])
         return self._norm(x + signal, None)
 
-    def _decode(self, canvas, sc, keys, values, pos, offset):
-        x = self._embed(canvas)
-        x = self._self_condition(x, sc) if sc is not None else self._norm(x, None)  # a zero signal: post-norm only
-        positions = offset + mx.arange(canvas.shape[1], dtype=mx.int32)
-        for i in range(len(self.specs)):
-            x = self._block(i, x, positions, lambda h, i=i: self._attend_canvas(i, h, positions, keys[i], values[i],
-                                                                               pos[i]), encode=False)
-        x = self._norm(x, "output_norm.weight")
-        logits = linear(x, self.w["token_embd.weight"]).astype(mx.float32)[0]
+    def _logits(self, x: mx.array) -> mx.array:
+        logits = linear(x, self.w["token_embd.weight"]).astype(mx.float32)
         cap = self.args.final_logit_softcapping
         return mx.tanh(logits / cap) * cap if cap else logits
 
-    def _encode_chunk(self, ids: mx.array, cache: MlxCache) -> None:
+    def _decode(self, canvas, soft, offset, views):
+        """(B, C) canvases over their slots' cache views -> final-normed hidden states (B, C, hidden)."""
+        x = self._self_condition(self._embed(canvas), soft)
+        positions = offset[:, None] + mx.arange(canvas.shape[1], dtype=mx.int32)[None, :]
+        for i in range(len(self.specs)):
+            x = self._block(i, x, positions, lambda h, i=i: self._attend_canvas(i, h, positions, *views[i]),
+                            encode=False)
+        return self._norm(x, "output_norm.weight")
+
+    def _encode_chunk(self, slot: int, ids: mx.array, cache: MlxSlotCache) -> None:
         n = ids.shape[1]
-        positions = mx.arange(cache.length, cache.length + n, dtype=mx.int32)
-        cache.reserve(cache.length + n)
+        start = cache.lengths[slot]
+        positions = mx.arange(start, start + n, dtype=mx.int32)[None]
         x = self._embed(ids)
         last = len(self.specs) - 1
         for i in range(len(self.specs)):
-            attend = lambda h, i=i: self._attend_causal(i, h, positions, cache, kv_only=i == last)  # noqa: E731
+            attend = lambda h, i=i: self._attend_causal(i, h, positions, slot, cache, kv_only=i == last)  # noqa: E731
             if i == last:  # the encoder's output is never read, only its K/V
                 attend(self._norm(x, f"blk.{i}.attn_norm.weight"))
                 break
             x = self._block(i, x, positions, attend, encode=True)
-        cache.length += n
+        cache.lengths[slot] += n
 
     def _block(self, i, x, positions, attend, encode: bool):
         b = f"blk.{i}."
@@ -267,48 +257,55 @@ class MlxBackend:
     # --- attention ------------------------------------------------------------------------------
 
     def _rope(self, i: int, x: mx.array, positions: mx.array) -> mx.array:
-        """x (1, n, heads, d): rotate-half RoPE with float32 angles, computed as the reference does."""
-        freqs = positions[:, None].astype(mx.float32) * self.inv_freq[i][None, :]
+        """x (B, n, heads, d), positions (B, n): rotate-half RoPE with float32 angles, as the reference."""
+        freqs = positions[..., None].astype(mx.float32) * self.inv_freq[i]
         emb = mx.concatenate([freqs, freqs], axis=-1)
-        cos, sin = mx.cos(emb).astype(x.dtype)[None, :, None], mx.sin(emb).astype(x.dtype)[None, :, None]
+        cos, sin = mx.cos(emb).astype(x.dtype)[:, :, None], mx.sin(emb).astype(x.dtype)[:, :, None]
         half = x.shape[-1] // 2
         rotated = mx.concatenate([-x[..., half:], x[..., :half]], axis=-1)
         return x * cos + rotated * sin
 
     def _kv(self, i, h, positions):
-        spec, b, n = self.specs[i], f"blk.{i}.", h.shape[1]
-        k_raw = linear(h, self.w[b + "attn_k.weight"]).reshape(1, n, -1, spec.head_dim)
-        v = k_raw if spec.k_eq_v else linear(h, self.w[b + "attn_v.weight"]).reshape(1, n, -1, spec.head_dim)
+        spec, b, (bsz, n) = self.specs[i], f"blk.{i}.", h.shape[:2]
+        k_raw = linear(h, self.w[b + "attn_k.weight"]).reshape(bsz, n, -1, spec.head_dim)
+        v = k_raw if spec.k_eq_v else linear(h, self.w[b + "attn_v.weight"]).reshape(bsz, n, -1, spec.head_dim)
         k = self._rope(i, self._norm(k_raw, b + "attn_k_norm.weight"), positions)
         return k.transpose(0, 2, 1, 3), self._norm(v, None).transpose(0, 2, 1, 3)
 
     def _q(self, i, h, positions):
-        spec, b = self.specs[i], f"blk.{i}."
-        q = linear(h, self.w[b + "attn_q.weight"]).reshape(1, h.shape[1], -1, spec.head_dim)
+        spec, b, (bsz, n) = self.specs[i], f"blk.{i}.", h.shape[:2]
+        q = linear(h, self.w[b + "attn_q.weight"]).reshape(bsz, n, -1, spec.head_dim)
         return self._rope(i, self._norm(q, b + "attn_q_norm.weight"), positions).transpose(0, 2, 1, 3)
 
     def _attend(self, i, q, keys, values, mask):
         out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=1.0, mask=mask)
-        out = out.transpose(0, 2, 1, 3).reshape(1, q.shape[2], -1)
+        out = out.transpose(0, 2, 1, 3).reshape(q.shape[0], q.shape[2], -1)
         return linear(out, self.w[f"blk.{i}.attn_output.weight"])
 
-    def _attend_canvas(self, i, h, positions, k_cache, v_cache, pos_cache):
-        """Bidirectional: every canvas token sees the valid cache slots and the whole canvas."""
+    def _attend_canvas(self, i, h, positions, k_cache, v_cache, valid):
+        """Bidirectional: every canvas token sees its row's valid cache entries and the whole canvas."""
         k, v = self._kv(i, h, positions)
-        mask = mx.concatenate([pos_cache >= 0, mx.ones((h.shape[1],), dtype=mx.bool_)])
+        mask = mx.concatenate([valid, mx.ones((h.shape[0], h.shape[1]), dtype=mx.bool_)], axis=1)
         return self._attend(i, self._q(i, h, positions), mx.concatenate([k_cache, k], axis=2),
-                            mx.concatenate([v_cache, v], axis=2), mask[None, None, None, :])
+                            mx.concatenate([v_cache, v], axis=2), mask[:, None, None, :])
 
-    def _attend_causal(self, i, h, positions, cache: MlxCache, kv_only: bool):
-        """Causal (windowed on sliding layers) over [cache slots, new tokens] by absolute position; then the new
-        K/V are written into the cache."""
+    def _attend_causal(self, i, h, positions, slot: int, cache: MlxSlotCache, kv_only: bool):
+        """Causal (windowed on sliding layers) over [the slot's cache, new tokens] by absolute position; the new
+        K/V are written into the slot (a ring entry only after the chunk has read it)."""
         k, v = self._kv(i, h, positions)
-        keys, values = mx.concatenate([cache.keys[i], k], axis=2), mx.concatenate([cache.values[i], v], axis=2)
-        kpos = mx.concatenate([cache.pos[i], positions])
-        cache.write(i, k, v, positions)
+        start, n, pos = cache.lengths[slot], h.shape[1], positions[0]
+        if self.specs[i].sliding:
+            keys = mx.concatenate([cache.keys[i][slot:slot + 1], k], axis=2)
+            values = mx.concatenate([cache.values[i][slot:slot + 1], v], axis=2)
+            kpos = mx.concatenate([cache.pos[i][slot], pos])
+            cache.write(i, slot, k, v, pos, start)
+        else:
+            cache.write(i, slot, k, v, pos, start)
+            keys, values = cache.keys[i][slot:slot + 1, :, :start + n], cache.values[i][slot:slot + 1, :, :start + n]
+            kpos = mx.arange(start + n, dtype=mx.int32)
         if kv_only:
             return None
-        delta = positions[:, None] - kpos[None, :]
+        delta = pos[:, None] - kpos[None, :]
         mask = (kpos >= 0)[None, :] & (delta >= 0)
         if self.specs[i].sliding:
             mask = mask & (delta < self.args.sliding_window)

@@ -1,64 +1,66 @@
-"""The mlx backend's KV cache: fixed-size slots, so the compiled denoising step keeps its input shapes.
+"""The mlx backend's KV cache: backends/torch/cache.py's static slots, in MLX arrays.
 
-A sliding layer is a ring of `sliding_window - 1` slots: the reference keeps exactly the last W-1 tokens,
-and token p lives in slot p mod (W-1). A full layer has slots for every token, grown a chunk at a time (the
-compiled step retraces only then). Each slot records its absolute position, -1 when empty, which is all the
-attention masks need; keys are stored after RoPE, so slot order does not matter to attention.
+A sliding layer is a ring of `sliding_window - 1` entries per slot (token p at p mod (W-1), `pos` holding its
+absolute position, -1 when empty); a full layer holds `max_len` entries per slot, token p at index p. The
+decoder sees a full layer's entries up to the batch's longest slot rounded up to `chunk`, with a validity mask,
+so the compiled step retraces only every `chunk` tokens of context.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import mlx.core as mx
 
+from dgrun.errors import DgrunError
 
-@dataclass
-class MlxCache:
-    keys: list = field(default_factory=list)  # per layer (1, kv_heads, slots, head_dim)
-    values: list = field(default_factory=list)
-    pos: list = field(default_factory=list)  # per layer (slots,) int32 absolute positions, -1 = empty
-    sliding: list = field(default_factory=list)  # per layer: a ring of `ring` slots
-    ring: int = 1  # sliding_window - 1
-    chunk: int = 1
-    length: int = 0  # committed tokens
 
-    @classmethod
-    def empty(cls, specs, sliding_window: int, chunk: int, dtype) -> "MlxCache":
-        cache = cls(sliding=[s.sliding for s in specs], ring=sliding_window - 1, chunk=chunk)
+class MlxSlotCache:
+    def __init__(self, specs, slots: int, max_len: int, sliding_window: int, dtype, chunk: int):
+        self.slots, self.max_len, self.ring, self.chunk = slots, max_len, sliding_window - 1, chunk
+        self.sliding = [s.sliding for s in specs]
+        self.keys, self.values, self.pos = [], [], []
         for spec in specs:
-            slots = max(cache.ring, 1) if spec.sliding else chunk  # W = 1 keeps nothing: one slot, never written
-            shape = (1, spec.n_kv_heads, slots, spec.head_dim)
-            cache.keys.append(mx.zeros(shape, dtype=dtype))
-            cache.values.append(mx.zeros(shape, dtype=dtype))
-            cache.pos.append(mx.full((slots,), -1, dtype=mx.int32))
-        return cache
+            size = max(self.ring, 1) if spec.sliding else max_len
+            shape = (slots, spec.n_kv_heads, size, spec.head_dim)
+            self.keys.append(mx.zeros(shape, dtype=dtype))
+            self.values.append(mx.zeros(shape, dtype=dtype))
+            self.pos.append(mx.full((slots, size), -1, dtype=mx.int32) if spec.sliding else None)
+        self.lengths = [0] * slots
 
-    def reserve(self, length: int) -> None:
-        """Grow the full layers' slots to hold `length` tokens, a chunk at a time."""
-        for i, sliding in enumerate(self.sliding):
-            have = self.pos[i].shape[0]
-            if sliding or have >= length:
-                continue
-            extra = math.ceil((length - have) / self.chunk) * self.chunk
-            k = self.keys[i]
-            pad = mx.zeros((1, k.shape[1], extra, k.shape[3]), dtype=k.dtype)
-            self.keys[i] = mx.concatenate([k, pad], axis=2)
-            self.values[i] = mx.concatenate([self.values[i], pad], axis=2)
-            self.pos[i] = mx.concatenate([self.pos[i], mx.full((extra,), -1, dtype=mx.int32)])
+    def reset(self, slot: int) -> None:
+        self.lengths[slot] = 0
+        for pos in self.pos:
+            if pos is not None:
+                pos[slot] = -1
 
-    def write(self, i: int, k: mx.array, v: mx.array, positions: mx.array) -> None:
-        """Store new tokens' K/V (1, kv_heads, n, head_dim) at absolute `positions` (n,), from `length` on."""
-        n = positions.shape[0]
-        if self.sliding[i]:  # the last W-1 tokens, each in slot position mod (W-1)
+    def reserve(self, slot: int, n: int) -> None:
+        if self.lengths[slot] + n > self.max_len:
+            raise DgrunError(f"context full: {self.lengths[slot]} + {n} tokens exceed the context limit of "
+                             f"{self.max_len} (-c/--ctx-size)")
+
+    def write(self, i: int, slot: int, k: mx.array, v: mx.array, positions: mx.array, start: int) -> None:
+        """New tokens' K/V (1, kv_heads, n, head_dim) at absolute positions start..start+n-1."""
+        n = k.shape[2]
+        if self.sliding[i]:
             if self.ring == 0:
                 return
             keep = min(n, self.ring)
-            k, v, positions = k[:, :, n - keep:], v[:, :, n - keep:], positions[n - keep:]
-            slots = positions % self.ring
+            idx = positions[n - keep:] % self.ring
+            self.keys[i][slot, :, idx] = k[0, :, n - keep:]
+            self.values[i][slot, :, idx] = v[0, :, n - keep:]
+            self.pos[i][slot, idx] = positions[n - keep:]
         else:
-            slots = mx.arange(self.length, self.length + n, dtype=mx.int32)
-        self.keys[i][:, :, slots] = k
-        self.values[i][:, :, slots] = v
-        self.pos[i][slots] = positions
+            self.keys[i][slot, :, start:start + n] = k[0]
+            self.values[i][slot, :, start:start + n] = v[0]
+
+    def view(self, i: int, slots: list[int]):
+        """(keys, values, valid) for the rows `slots`: keys (B, kv, L, d), valid (B, L) bool."""
+        idx = mx.array(slots, dtype=mx.int32)
+        if self.sliding[i]:
+            return self.keys[i][idx], self.values[i][idx], self.pos[i][idx] >= 0
+        longest = max(self.lengths[s] for s in slots)
+        size = min(self.max_len, max(1, math.ceil(longest / self.chunk)) * self.chunk)
+        lengths = mx.array([self.lengths[s] for s in slots], dtype=mx.int32)
+        valid = mx.arange(size, dtype=mx.int32)[None, :] < lengths[:, None]
+        return self.keys[i][idx, :, :size], self.values[i][idx, :, :size], valid

@@ -13,7 +13,9 @@ import torch
 mx = pytest.importorskip("mlx.core")
 
 import dgrun  # noqa: E402
-from dgrun.backends import mlx_sampler, torch_sampler  # noqa: E402
+from dgrun.backends import Row, mlx_sampler  # noqa: E402
+from dgrun.backends.torch import rng  # noqa: E402
+from dgrun.backends.torch import sampler as torch_sampler  # noqa: E402
 from dgrun.generate import SamplerConfig  # noqa: E402
 
 FP32_TOL = 1e-4
@@ -56,8 +58,8 @@ def test_fp32_logits_match_cpu(which, ckpt_a, ckpt_b):
         assert err <= FP32_TOL, f"{name}: max-abs {err}"
 
 
-def test_chunked_encode_and_cache_growth(pair_a):
-    """Many small commits (ring wrap-around) and a context past the first full-layer chunk of slots."""
+def test_chunked_encode_and_long_context(pair_a):
+    """Many small commits (ring wrap-around) and a context past the first chunk the decoder's view covers."""
     cpu, m = pair_a
     chunk = m.backend.chunk
     prompt, canvas = inputs(cpu.args.vocab_size, chunk + 21, cpu.args.canvas_length, seed=5)
@@ -65,8 +67,9 @@ def test_chunked_encode_and_cache_growth(pair_a):
     for part in (prompt[:7], prompt[7:8], prompt[8:chunk - 3], prompt[chunk - 3:]):
         m.encode(part.tolist(), ours)
     cpu.encode(prompt.tolist(), ref)
-    assert ours.length == ref.length == prompt.numel()
-    assert ours.pos[-1].shape[0] == 2 * chunk  # the full layer grew by one chunk
+    assert ours.lengths == ref.lengths == [prompt.numel()]
+    assert m.backend.new_cache(1, 10 * chunk).view(5, [0])[0].shape[2] == chunk  # the view is rounded to a chunk
+    assert ours.view(5, [0])[0].shape[2] == 2 * chunk
     assert (m.denoise(canvas, ours) - cpu.denoise(canvas, ref)).abs().max().item() <= FP32_TOL
 
 
@@ -106,6 +109,19 @@ def test_sampler_pieces_match_torch():
             e = theirs[None]
             accepted = mlx_sampler.accept_mask(mx.array(e.numpy()), mx.array(bound, dtype=mx.float32))
             assert np.array_equal(np.array(accepted), torch_sampler.accept_mask(e, bound).numpy()), (scale, bound)
+        u = torch.rand(24, generator=g)
+        np.testing.assert_array_equal(np.array(mlx_sampler.draw(mx.array(probs.numpy()), mx.array(u.numpy()))),
+                                      torch_sampler.draw(probs, u).numpy())
+
+
+def one_row(logits, history, fixed, key=3, bound=0.1, confidence=0.005, steps=1):
+    """mlx_sampler.sample for one row at temperature 0.5 (t_min 0.5, steps 1)."""
+    c = logits.shape[0]
+    fixed = mx.full((1, c), -1, dtype=mx.int32) if fixed is None else mx.array(fixed)
+    return mlx_sampler.sample(
+        mx.array(logits)[None], mx.array([[key, 0]], dtype=mx.uint32), mx.array([0], dtype=mx.uint32),
+        mx.array([0], dtype=mx.int32), mx.array([steps], dtype=mx.int32), mx.array([0.5]), mx.array([0.0]),
+        mx.array([bound]), mx.array([confidence]), mx.array([history.shape[0]], dtype=mx.int32), fixed, history)
 
 
 def test_sampler_step_rules():
@@ -114,70 +130,72 @@ def test_sampler_step_rules():
     logits = np.full((c, vocab), -30.0, dtype=np.float32)
     logits[np.arange(c), np.arange(c) % vocab] = 30.0  # one-hot: zero entropy, the draw is the argmax
     logits[: c // 2] = 0.0  # the first half uniform: high entropy, rejected
-    hist, free = mx.full((1, 1, c), -1, dtype=mx.int32), mx.full((1, c), -1, dtype=mx.int32)
-    args = (mx.array(0.5), mx.random.key(3), hist, free, mx.array(0.1, dtype=mx.float32), mx.array(0.005))
-    canvas, argmax, probs, hist2, done, key = mlx_sampler.sampler_step(mx.array(logits), *args)
+    hist = mx.full((1, 1, c), -1, dtype=mx.int32)
+    canvas, argmax, _, _, hist2, done, step = one_row(logits, hist, None)
     canvas, argmax = np.array(canvas)[0], np.array(argmax)[0]
     assert np.array_equal(canvas[c // 2:], np.arange(c // 2, c) % vocab)
     assert (canvas[: c // 2] >= 0).all() and (canvas[: c // 2] < vocab).all()
     assert len(set(canvas[: c // 2].tolist())) > 5  # renoised, not copied
-    assert not bool(done)  # stable (history was all -1? no) and not confident
+    assert not bool(done[0]) and int(step[0]) == 1  # the history held no argmax yet
     assert np.array_equal(np.array(hist2)[0, 0], argmax)
     confident = np.where(np.arange(c)[:, None] % vocab == np.arange(vocab), 30.0, -30.0).astype(np.float32)
     am = mx.array((np.arange(c) % vocab)[None, None].astype(np.int32))
-    out = mlx_sampler.sampler_step(mx.array(confident), mx.array(0.5), mx.random.key(1), am, *args[3:])
-    assert bool(out[4])  # same argmax as the history and ~zero entropy: done
+    assert bool(one_row(confident, am, None, key=1)[5][0])  # same argmax as the history, ~zero entropy: done
     pinned = np.full((1, c), -1, dtype=np.int32)
     pinned[0, : c // 2] = 7  # pin the uncertain half: kept, and no longer counted against confidence
-    out = mlx_sampler.sampler_step(mx.array(logits), mx.array(0.5), mx.random.key(1), am, mx.array(pinned),
-                                   *args[4:])
+    out = one_row(logits, am, pinned, key=1)
     expect = np.where(pinned[0] >= 0, 7, np.arange(c) % vocab)
     assert np.array_equal(np.array(out[0])[0], expect) and np.array_equal(np.array(out[1])[0], expect)
 
 
+def test_keyed_draws_are_the_torch_backends_bits():
+    """The same hash in uint32: a seed gives the same canvas draws on mlx and on the torch backends."""
+    for seed in (0, 7, 2**40 + 3, -1):
+        words = rng.split_seed(seed)
+        t = rng.bits(torch.tensor([words]), torch.tensor([5]), torch.tensor([9]), rng.DRAW, 300)
+        m = mlx_sampler.bits(mx.array([words], dtype=mx.uint32), mx.array([5], dtype=mx.uint32),
+                             mx.array([9], dtype=mx.int32), rng.DRAW, 300)
+        assert np.array_equal(np.array(m).astype(np.int64), t.numpy())
+    u = np.array(mlx_sampler.uniform(mx.array([[1, 2]], dtype=mx.uint32), mx.array([0], dtype=mx.uint32),
+                                     mx.array([1], dtype=mx.int32), rng.DRAW, 4096))
+    assert 0.45 < u.mean() < 0.55 and u.min() >= 0 and u.max() < 1
+
+
 def test_step_matches_cpu(pair_a):
-    """The decoder+sampler step: its probabilities and argmax are the cpu backend's for the same
-    canvas, on the first step and on a self-conditioned second step."""
+    """The decoder+sampler step: its argmax, stop flag and next self-conditioning input are the cpu
+    backend's for the same canvas, on the first step and on a self-conditioned second step."""
     cpu, m = pair_a
-    cfg = SamplerConfig(stability_threshold=1)
+    cfg = SamplerConfig(stability_threshold=1, steps=2, t_min=0.7, t_max=0.9)
     prompt, _ = inputs(cpu.args.vocab_size, 20, cpu.args.canvas_length)
     ours, ref = m.new_cache(), cpu.new_cache()
     m.encode(prompt.tolist(), ours)
     cpu.encode(prompt.tolist(), ref)
-    rng = m.backend.rng(7)
-    state = m.backend.start_block(rng, cfg)
-    sc, previous = None, None
-    for temp in (0.8, 0.7):
-        canvas = torch.tensor(m.backend.tolist(state.canvas))
-        state = m.backend.step(state, ours, temp, cfg, rng)
-        sc = cpu.denoise(canvas, ref, sc) / torch.tensor(temp)
-        probs = sc.softmax(-1)
-        np.testing.assert_allclose(np.array(state.sc), probs.numpy(), atol=1e-5)
-        argmax = sc.argmax(-1).tolist()
-        assert m.backend.tolist(state.argmax) == argmax
-        confident = torch_sampler.token_entropy(sc, probs).mean() < cfg.confidence_threshold
-        assert m.backend.done(state) == bool(confident and argmax == previous)
-        previous = argmax
+    state = m.backend.start([Row(0, cfg)], ours)
+    torch_state = cpu.backend.start([Row(0, cfg)], ref)
+    assert m.backend.tolist(state.canvas) == torch_state.canvas.tolist()  # the same keyed draws
+    for _ in range(2):
+        state = m.backend.step(state, ours)
+        torch_state = cpu.backend.step(torch_state, ref)
+        assert m.backend.tolist(state.argmax) == torch_state.argmax.tolist()
+        np.testing.assert_allclose(np.array(state.soft), torch_state.soft.numpy(), atol=1e-4)
+        assert m.backend.done(state) == cpu.backend.done(torch_state)
 
 
 def test_step_compiles_without_host_syncs(pair_a):
-    """Both step variants trace under mx.compile with the cache's fixed slot shapes; any host read inside
-    would raise here. The traces are not evaluated: on the CPU device MLX would build every fused kernel as a
-    C++ library (~1 min cold), which is why the backend runs eagerly there (DGRUN_MLX_COMPILE=1 runs this
-    whole file compiled)."""
+    """The step traces under mx.compile with the cache views' shapes; any host read inside would raise here.
+    The trace is not evaluated: on the CPU device MLX would build every fused kernel as a C++ library (~1 min
+    cold), which is why the backend runs eagerly there (DGRUN_MLX_COMPILE=1 runs this whole file compiled)."""
     _, m = pair_a
     b, cfg = m.backend, SamplerConfig(stability_threshold=2)
-    cache = b.new_cache()
-    b.encode(list(range(3, 30)), cache)
-    rng = b.rng(0)
-    state = b.start_block(rng, cfg)
-    inputs_ = b.step_inputs(state, cache, 0.8, cfg, rng)
-    first = mx.compile(lambda c, *rest: b._step(c, None, *rest))(state.canvas, *inputs_)
-    sc = mx.zeros((m.args.canvas_length, m.args.vocab_size))
-    later = mx.compile(b._step)(state.canvas, sc, *inputs_)
-    c, v = m.args.canvas_length, m.args.vocab_size
-    for out in (first, later):
-        assert [o.shape for o in out[:5]] == [(1, c), (1, c), (c, v), (2, 1, c), ()]
+    cache = b.new_cache(2, 64)
+    b.encode(0, list(range(3, 30)), cache)
+    b.encode(1, list(range(3, 10)), cache)
+    s = b.start([Row(0, cfg), Row(1, cfg.update(stability_threshold=1))], cache)
+    views = [cache.view(i, s.slot) for i in range(len(b.specs))]
+    out = mx.compile(b._step)(s.canvas, s.soft, s.offset, views, s.seed, s.block, s.step, s.steps, s.t_min,
+                              s.t_span, s.bound, s.confidence, s.stability, s.fixed, s.history)
+    c, h = m.args.canvas_length, m.args.hidden_size
+    assert [o.shape for o in out] == [(2, c), (2, c), (2, c, h), (2, 2, c), (2,), (2,)]
 
 
 def test_generation_is_deterministic(ckpt_a):
