@@ -17,7 +17,7 @@ from typing import Iterator
 
 from dgrun.chat_template import ChatTemplate, choose
 from dgrun.errors import DgrunError
-from dgrun.generate import Block, Draft, Stats
+from dgrun.generate import Block, Draft, Prefill, Stats
 
 SENTINEL = "DGRUNANSWER7f3a"  # stands for the answer when rendering, to find the text around it
 END_OF_TURN = ("<turn|>", "<end_of_turn>", "<eos>", "<|im_end|>", "<|eot_id|>")
@@ -116,12 +116,12 @@ class Chat:
         self.cached_text = full
         return ids
 
-    def send(self, text: str, interrupted=lambda: False) -> Iterator[Draft | Block | Turn]:
+    def send(self, text: str, interrupted=lambda: False) -> Iterator[Prefill | Draft | Block | Turn]:
         """Answer `text`. `interrupted()` is polled after every step: when true the answer stops there,
         keeps the blocks finished so far, and the conversation stays usable."""
         st = TurnStats()
         ids = self._prepare(text, st)
-        blocks, committed, last_is_block = [], 0, False
+        blocks = []
         events = self.model.stream(ids, cache=self.cache, stop_ids=self.stop_ids, trim_repeats=self.trim_repeats,
                                    **self.knobs)
         try:
@@ -129,11 +129,8 @@ class Chat:
                 if isinstance(event, Stats):
                     st.gen, st.prefill_seconds = event, event.prefill_seconds
                     break
-                if isinstance(event, Draft):  # the blocks before this one are in the cache
-                    committed, last_is_block = sum(len(b.ids) for b in blocks), False
-                else:
+                if isinstance(event, Block):
                     blocks.append(event)
-                    last_is_block = True
                     if not event.converged and not event.repeated:
                         st.unconverged.append(event.index)
                     st.trimmed |= event.repeated
@@ -146,9 +143,13 @@ class Chat:
             raise
         finally:
             events.close()
+        if st.interrupted and self.cache.lengths[0] < self.cached_tokens + st.new_tokens:
+            self.drop_cache()  # stopped inside the prompt's prefill: forget the turn, rebuild next time
+            self.cached_text = ""
+            yield Turn("", [], st)
+            return
         answer = [t for b in blocks for t in b.ids]
-        if not last_is_block:  # stopped mid-block: every finished block is already committed
-            committed = len(answer)
+        committed = self.cache.lengths[0] - self.cached_tokens - st.new_tokens  # blocks the loop committed
         reply = self.tok.decode(answer, skip_special_tokens=True).strip()
         self.cached_tokens += st.new_tokens + committed
         self._close_turn(text, reply, answer[committed:], st)

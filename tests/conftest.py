@@ -126,11 +126,10 @@ def gguf_chat(ckpt_chat, tmp_path_factory):
     return convert(ckpt_chat, to="gguf-bf16", out=tmp_path_factory.mktemp("gguf") / "chat-BF16.gguf").path
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="session", autouse=True)
 def one_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core machine OpenMP spinning makes them slow."""
-    import torch
-
+    """Tiny models gain nothing from threads, and on a shared 2-core machine OpenMP spinning makes them slow.
+    Session-scoped, so module fixtures (the default model's generations) run single-threaded too."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -15,31 +15,38 @@ EOT = 7  # an end-of-turn id passed as a stop id
 
 
 class Scripted:
-    """Each block's canvas is the next of `canvases`; `converges` says whether a block ever stops early."""
+    """Each block's canvas is the next of `canvases`; `converges` says whether a block ever stops early.
+    One row at a time (the loop runs one request here); the state is a list of [canvas, steps] rows."""
 
     def __init__(self, canvases, converges=True):
         self.args = SimpleNamespace(canvas_length=len(canvases[0]))
         self.canvases, self.converges = iter(canvases), converges
         self.encoded = []
 
-    def new_cache(self):
-        return []
+    def new_cache(self, slots, max_len):
+        return SimpleNamespace(slots=slots, max_len=max_len, lengths=[0] * slots, reset=lambda slot: None)
 
-    def encode(self, ids, cache):
+    def encode(self, slot, ids, cache):
         self.encoded.append(list(ids))
+        cache.lengths[slot] += len(ids)
 
-    def rng(self, seed):
-        return None
+    def start(self, rows, cache):
+        return [[next(self.canvases), 0] for _ in rows]
 
-    def start_block(self, rng, cfg, fixed=None):
-        return SimpleNamespace(argmax=next(self.canvases), steps=0)
-
-    def step(self, state, cache, temperature, cfg, rng):
-        state.steps += 1
-        return state
+    def step(self, state, cache):
+        return [[canvas, steps + 1] for canvas, steps in state]
 
     def done(self, state):
-        return self.converges and state.steps >= 2
+        return [self.converges and steps >= 2 for _, steps in state]
+
+    def canvas(self, state):
+        return [canvas for canvas, _ in state]
+
+    def take(self, state, index):
+        return [state[i] for i in index]
+
+    def cat(self, states):
+        return [row for s in states for row in s]
 
     def tolist(self, ids):
         return list(ids)
@@ -88,6 +95,6 @@ def test_model_stop_ids_reach_the_loop(ckpt_chat):
     m = dgrun.load(ckpt_chat)
     eot = m.tokenizer.token_id("<turn|>")
     seen = []
-    m.backend.tolist = lambda ids, real=m.backend.tolist: seen.append(real(ids)) or [5, eot, 6] + [9] * 13
+    m.backend.tolist = lambda ids, real=m.backend.tolist: seen.append(real(ids)) or [[5, eot, 6] + [9] * 13]
     r = m.generate([2, 5], stop_ids=[eot], steps=1, max_new_tokens=32)
     assert r.ids == [5] and r.stats.blocks == 1 and len(seen) == 1
