@@ -22,7 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import dgrun  # noqa: E402
-from dgrun.generate import SamplerConfig, temperature  # noqa: E402
+from dgrun.backends import Row  # noqa: E402
+from dgrun.generate import SamplerConfig  # noqa: E402
 from tiny import make_checkpoint  # noqa: E402
 
 
@@ -68,16 +69,18 @@ def reference_step_fn(ref, prompt, canvas_length, cfg):
     return step
 
 
-def dgrun_step_fn(m, prompt, cfg):
+def dgrun_step_fn(m, prompts, cfg):
+    """A step of len(prompts) rows, one per cache slot. The step limit is out of reach, so the temperature
+    stays in range however many steps are timed."""
     be = m.backend
-    cache = m.new_cache()
-    m.encode(prompt[0].tolist(), cache)
-    rng = be.rng(0)
-    box = [be.start_block(rng, cfg)]
-    t = temperature(cfg.steps - 1, cfg)
+    cache = be.new_cache(len(prompts), max(map(len, prompts)))
+    for slot, p in enumerate(prompts):
+        be.encode(slot, p, cache)
+    box = [be.start([Row(slot, cfg.update(steps=10**9, seed=slot)) for slot in range(len(prompts))], cache)]
 
     def step():
-        box[0] = be.step(box[0], cache, t, cfg, rng)
+        box[0] = be.step(box[0], cache)
+        be.done(box[0])  # the loop's one host read per step
     return step
 
 
@@ -98,7 +101,7 @@ def main():
         ref = DiffusionGemmaForBlockDiffusion.from_pretrained(path).eval()  # its default attention (sdpa)
         m = dgrun.load(path, backend="cpu")
         prompt = torch.randint(0, a.vocab, (1, a.prompt), generator=torch.Generator().manual_seed(0))
-        r_step, d_step = reference_step_fn(ref, prompt, a.canvas, cfg), dgrun_step_fn(m, prompt, cfg)
+        r_step, d_step = reference_step_fn(ref, prompt, a.canvas, cfg), dgrun_step_fn(m, [prompt[0].tolist()], cfg)
         # Interleave the two engines so machine noise hits both alike.
         r = min(time_steps(r_step, a.steps) for _ in range(2))
         g = min(time_steps(d_step, a.steps) for _ in range(2))

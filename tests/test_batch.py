@@ -158,3 +158,23 @@ def test_context_limit(ckpt_a):
     assert res.stats.stop_reason == "context" and res.stats.blocks == 1
     with pytest.raises(dgrun.DgrunError, match="ctx_size"):
         dgrun.load(ckpt_a, backend="cpu", ctx_size=0)
+
+
+def test_unwritten_cache_entries_never_reach_a_step(models):
+    """Full layers are allocated empty: a row shorter than its batch-mate must not see the garbage (NaN here)
+    past its length; the batched logits equal each row's logits alone."""
+    m, _ = models
+    cache = m.new_cache(2)
+    for k, v in zip(cache.keys, cache.values):
+        if k.shape[2] > cache.ring:
+            k.fill_(float("nan"))
+            v.fill_(float("nan"))
+    m.encode(PROMPTS[0], cache, 0)
+    m.encode(PROMPTS[1], cache, 1)
+    canvas = torch.arange(3, 3 + 2 * m.args.canvas_length).view(2, -1)
+    batched = m.denoise(canvas, cache)
+    assert torch.isfinite(batched).all()
+    for row in range(2):
+        alone = m.new_cache()
+        m.encode(PROMPTS[row], alone)
+        torch.testing.assert_close(batched[row], m.denoise(canvas[row], alone), atol=1e-5, rtol=0)

@@ -5,6 +5,9 @@ tokens): token p lives at p mod (W-1), and `pos` records which absolute position
 A full layer holds `max_len` positions per slot, token p at index p. Keys are stored after RoPE, so entry order
 does not matter to the bidirectional canvas; the causal encoder masks by `pos`. Lengths live on the host: the
 engine knows them without reading the device.
+
+Full layers are allocated empty, so memory is paged in only as context is used; an entry a batched view shows
+past its row's length is zeroed first (masked attention weighs it 0, and 0 * NaN would still be NaN).
 """
 
 from __future__ import annotations
@@ -22,10 +25,12 @@ class SlotCache:
         for spec in specs:
             size = max(self.ring, 1) if spec.sliding else max_len  # W = 1 keeps nothing: one entry, never valid
             shape = (slots, spec.n_kv_heads, size, spec.head_dim)
-            self.keys.append(torch.zeros(shape, dtype=dtype, device=device))
-            self.values.append(torch.zeros(shape, dtype=dtype, device=device))
+            new = torch.zeros if spec.sliding else torch.empty
+            self.keys.append(new(shape, dtype=dtype, device=device))
+            self.values.append(new(shape, dtype=dtype, device=device))
             self.pos.append(torch.full((slots, size), -1, dtype=torch.int64, device=device) if spec.sliding else None)
         self.lengths = [0] * slots  # committed tokens per slot
+        self.clean = [0] * slots  # full-layer entries written or zeroed per slot: finite values
 
     def reset(self, slot: int) -> None:
         """Forget a slot's tokens (full layers need nothing: entries past the length are never read)."""
@@ -53,6 +58,18 @@ class SlotCache:
         else:
             self.keys[i][slot, :, start:start + n] = k[0]
             self.values[i][slot, :, start:start + n] = v[0]
+            if i == self.sliding.index(False):
+                self.clean[slot] = max(self.clean[slot], start + n)
+
+    def _zero_past(self, slots: list[int], size: int) -> None:
+        """Zero full-layer entries [clean, size) of rows that show them for the first time."""
+        for s in slots:
+            if self.clean[s] < size:
+                for i, sliding in enumerate(self.sliding):
+                    if not sliding:
+                        self.keys[i][s, :, self.clean[s]:size] = 0
+                        self.values[i][s, :, self.clean[s]:size] = 0
+                self.clean[s] = size
 
     def view(self, i: int, slots: list[int]):
         """(keys, values, valid) for the rows `slots`: keys (B, kv, L, d); valid (B, L) bool, or None when every
@@ -64,6 +81,7 @@ class SlotCache:
         else:
             size = max(lengths)
             all_valid = min(lengths) == size
+            self._zero_past(slots, size)
         first = slots[0]
         if slots == list(range(first, first + len(slots))):  # contiguous slots: a view, no copy
             keys = self.keys[i][first:first + len(slots), :, :size]
