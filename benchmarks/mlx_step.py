@@ -35,20 +35,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import dgrun  # noqa: E402
 from dgrun.backends.mlx import MlxBackend  # noqa: E402
 from dgrun.convert.mlx_writer import convert_mlx  # noqa: E402
+from dgrun.backends import Row  # noqa: E402
 from dgrun.generate import SamplerConfig, temperature  # noqa: E402
 from step_speed import mid_config, time_steps  # noqa: E402
 from tiny import make_checkpoint  # noqa: E402
 
 
 def dgrun_step_fn(backend, prompt, cfg):
-    cache = backend.new_cache()
-    backend.encode(prompt, cache)
-    rng = backend.rng(0)
-    box = [backend.start_block(rng, cfg)]
-    t = temperature(cfg.steps - 1, cfg)
+    cache = backend.new_cache(1, len(prompt))
+    backend.encode(0, prompt, cache)
+    box = [backend.start([Row(0, cfg.update(steps=10**9))], cache)]  # the step limit out of reach
 
     def step():
-        box[0] = backend.step(box[0], cache, t, cfg, rng)
+        box[0] = backend.step(box[0], cache)
         backend.done(box[0])  # the loop's one host read per step
     return step
 

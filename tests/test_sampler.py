@@ -15,7 +15,7 @@ from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
 
 from dgrun.backends import Row
 from dgrun.backends.torch import sampler as torch_sampler
-from dgrun.generate import SamplerConfig, temperature
+from dgrun.generate import SamplerConfig
 
 C, V = 24, 40
 

@@ -70,8 +70,8 @@ def soft_embedding(probs: torch.Tensor, embed: torch.Tensor, scale: torch.Tensor
 def head_and_sample(x: torch.Tensor, embed: torch.Tensor, cap: float | None, state, scale: torch.Tensor):
     """Tied lm_head, softcap, then the sampler; returns the next state with its soft embedding."""
     logits = linear(x, embed).float()
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
+    if cap:  # tanh(logits / cap) * cap, in place: one (B, C, V) float32 buffer fewer at the peak
+        logits = logits.div_(cap).tanh_().mul_(cap)
     nxt, processed, probs = sampler.sample(state, logits)
     if embed.dtype != torch.float32:  # the reference re-takes the softmax of the logits cast to the dtype
         probs = processed.to(embed.dtype).softmax(-1, dtype=torch.float32)

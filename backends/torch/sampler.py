@@ -118,7 +118,7 @@ def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 def token_entropy(processed: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
     """Entropy per position of softmax(processed), reusing probs: one pass instead of Categorical's two."""
     log_probs = processed - processed.logsumexp(-1, keepdim=True)
-    return -(log_probs * probs).sum(-1)
+    return -(log_probs.mul_(probs)).sum(-1)
 
 
 def accept_mask(entropy: torch.Tensor, entropy_bound) -> torch.Tensor:
