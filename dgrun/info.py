@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 
 from dgrun.errors import DgrunError
-from dgrun.models.diffusion_gemma import ARCH, ModelArgs
+from dgrun.models.diffusion_gemma import ARCH, ModelArgs, context_limit
 
 ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1}
 
@@ -23,6 +23,9 @@ def hyperparameters(args: ModelArgs) -> dict:
         "kv_heads": f"{swa.n_kv_heads} sliding, {full.n_kv_heads} full",
         "head_dim": f"{swa.head_dim} sliding, {full.head_dim} full",
         "sliding_window": args.sliding_window,
+        "context_length": args.max_position_embeddings,
+        "context_limit": f"{context_limit(args)} tokens per cache slot here (-c/--ctx-size; the context length "
+                         "capped by memory)",
         "rope_theta": f"{swa.rope_theta:g} sliding, {full.rope_theta:g} full "
                       f"(partial {full.partial_rotary_factor:g})",
         "experts": f"{args.num_experts}, top-{args.top_k_experts}, ffn {args.moe_intermediate_size}",

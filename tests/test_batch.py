@@ -160,6 +160,20 @@ def test_context_limit(ckpt_a):
         dgrun.load(ckpt_a, backend="cpu", ctx_size=0)
 
 
+def test_default_context_is_the_models_capped_by_memory(ckpt_a):
+    from dgrun.info import info
+    from dgrun.models.diffusion_gemma import context_limit, kv_bytes_per_token
+
+    m = dgrun.load(ckpt_a, backend="cpu")
+    assert m.args.max_position_embeddings == 131072  # transformers' default, from config.json
+    per_token = kv_bytes_per_token(m.args)
+    assert per_token == 2 * 1 * 32 * 4  # shape A: one full layer, one kv head of 32, K and V, float32
+    assert context_limit(m.args, budget=1000 * per_token) == 1000
+    assert context_limit(m.args, budget=10**15) == 131072
+    shown = info(ckpt_a)["hyperparameters"]
+    assert shown["context_length"] == 131072 and shown["context_limit"].startswith(f"{m.ctx} tokens")
+
+
 def test_unwritten_cache_entries_never_reach_a_step(models):
     """Full layers are allocated empty: a row shorter than its batch-mate must not see the garbage (NaN here)
     past its length; the batched logits equal each row's logits alone."""
