@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator
 
 from dgrun import checkpoint, tokenizer
@@ -111,4 +110,4 @@ def load(path=None, backend: str = "auto", dtype: str | None = None) -> Model:
     if hub.is_repo_id(str(path)):
         path = hub.resolve(str(path))
     ckpt = checkpoint.load(path)
-    return Model(ckpt, backend, dtype, tokenizer.find(Path(path).expanduser()))
+    return Model(ckpt, backend, dtype, ckpt.tokenizer)
