@@ -18,6 +18,12 @@ def show(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def reason(e: BaseException) -> str:
+    """A library's exception as a short one-line reason (their messages may hold newlines)."""
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:200]}"
+
+
 def fail(name: str, value, why: str):
     raise DgrunError(f"{name} = {show(value)}: {why}")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from dgrun import checks
 from dgrun.errors import DgrunError
 
 MAX_BYTES = 64 << 20  # tokenizer_config.json of real models is < 2 MB; tokenizer.json is read by `tokenizers`
@@ -42,7 +43,7 @@ def read_json(path: Path, missing: dict | None = None) -> dict:
     except DgrunError:
         raise
     except (OSError, ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
-        raise DgrunError(f"{path}: cannot read JSON ({type(e).__name__}: {str(e)[:200]})") from None
+        raise DgrunError(f"{path}: cannot read JSON ({checks.reason(e)})") from None
     if not isinstance(data, dict):
         raise DgrunError(f"{path}: expected a JSON object, found {type(data).__name__}")
     if not depth_ok(data):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from dgrun import checks
 from dgrun.errors import DgrunError
 from dgrun.jsonfile import read_json
 
@@ -25,7 +26,7 @@ def guarded(what: str, call, *args, **kwargs):
     except (KeyboardInterrupt, SystemExit, GeneratorExit):
         raise
     except BaseException as e:  # noqa: BLE001  (pyo3's PanicException derives from BaseException)
-        raise DgrunError(f"{what} ({type(e).__name__}: {str(e)[:200]})") from None
+        raise DgrunError(f"{what} ({checks.reason(e)})") from None
 
 
 class Tokenizer:
@@ -144,7 +145,7 @@ def read_template(path: Path) -> str:
             raise DgrunError(f"{path}: {size} bytes is too large for a chat template (limit {MAX_TEMPLATE_BYTES})")
         return path.read_bytes().decode("utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise DgrunError(f"{path}: cannot read the chat template ({type(e).__name__}: {str(e)[:120]})") from None
+        raise DgrunError(f"{path}: cannot read the chat template ({checks.reason(e)})") from None
 
 
 def is_gguf(path: Path) -> bool:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT, GGUFValueType as VT
 
+from dgrun import checks
 from dgrun.errors import DgrunError
 
 SCALAR_FORMATS = {VT.UINT8: "<B", VT.INT8: "<b", VT.UINT16: "<H", VT.INT16: "<h", VT.UINT32: "<I", VT.INT32: "<i",
@@ -123,7 +124,7 @@ class GGUFFile:
         except Truncated:
             raise DgrunError(f"{self.path}: truncated GGUF (the file ends inside its header)") from None
         except (ValueError, KeyError, OverflowError, struct.error) as e:
-            raise DgrunError(f"{self.path}: corrupt GGUF header ({type(e).__name__}: {str(e)[:200]})") from None
+            raise DgrunError(f"{self.path}: corrupt GGUF header ({checks.reason(e)})") from None
 
     def _parse(self, buf: memoryview) -> None:
         cur = _Cursor(buf)

@@ -10,7 +10,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from dgrun import tokenizer
+from dgrun import checks, tokenizer
 from dgrun.errors import DgrunError
 from dgrun.formats.common import Checkpoint, check_shapes, read_generation_config
 from dgrun.jsonfile import read_json
@@ -66,7 +66,7 @@ def headers(files: list[Path], skip=None) -> dict:
                     part = st.get_slice(name)
                     refs[name] = LazyTensor(f, name, tuple(part.get_shape()), part.get_dtype())
         except (SafetensorError, OSError, ValueError) as e:
-            raise DgrunError(f"{f}: cannot read safetensors ({type(e).__name__}: {str(e)[:200]})") from None
+            raise DgrunError(f"{f}: cannot read safetensors ({checks.reason(e)})") from None
     return refs
 
 
@@ -112,7 +112,7 @@ def read_tensors(refs: dict) -> dict:
                 for key, name in names:
                     out[key] = st.get_tensor(name)
         except (SafetensorError, OSError, ValueError) as e:
-            raise DgrunError(f"{f}: cannot read safetensors ({type(e).__name__}: {str(e)[:200]})") from None
+            raise DgrunError(f"{f}: cannot read safetensors ({checks.reason(e)})") from None
     return {k: out[k] for k in refs}
 
 
