@@ -48,7 +48,7 @@ class Tokenizer:
         tok = guarded(f"{path}: cannot read tokenizer", HFTokenizer.from_file, str(path))
         config = read_json(path.parent / "tokenizer_config.json", missing={})
         template, source = dir_template(path.parent, config)
-        out = cls(tok, _content(config.get("bos_token")), _content(config.get("eos_token")), template, source)
+        out = cls(tok, special_text(config.get("bos_token")), special_text(config.get("eos_token")), template, source)
         return out.checked(str(path), vocab_size)
 
     @classmethod
@@ -107,7 +107,8 @@ class Tokenizer:
         return with_specials[:n] if n > 0 and with_specials[n:n + len(plain)] == plain else []
 
 
-def _content(entry) -> str | None:
+def special_text(entry) -> str | None:
+    """A special token as tokenizer_config.json writes it: "<bos>" or {"content": "<bos>", ...}."""
     if isinstance(entry, dict):
         entry = entry.get("content")
     return entry if isinstance(entry, str) else None

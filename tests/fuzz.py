@@ -9,7 +9,6 @@ oversized allocation. Used by tests/test_fuzz.py (a few hundred cases) and bench
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import resource
@@ -22,7 +21,10 @@ import traceback
 from pathlib import Path
 
 MiB = 1 << 20
-MEMORY_BUDGET = 512 * MiB  # peak RSS growth above the forked child's start that counts as oversized
+# Peak RSS growth above the forked child's start that counts as oversized: a fixed allowance (torch's and the
+# tokenizer's first allocations take ~32 MiB whatever the model) plus a small multiple of the checkpoint's size.
+MEMORY_FIXED = 64 * MiB
+MEMORY_PER_BYTE = 16
 ADDRESS_BUDGET = 4096 * MiB  # RLIMIT_AS headroom: larger requests fail at once instead of swapping
 
 # --- seeds ------------------------------------------------------------------------------------------------
@@ -408,9 +410,16 @@ def _peak() -> int:
 
 
 def load_and_step(path: Path) -> str:
-    """What the library must survive: load on the cpu backend, then a 1-step generation of one canvas."""
+    """What the library must survive: `dgrun info` (headers only), then a load on the cpu backend and a 1-step
+    generation of one canvas."""
     import dgrun
+    from dgrun.errors import DgrunError
+    from dgrun.info import info
 
+    try:
+        info(path)
+    except DgrunError:
+        pass  # the load below must then fail too, or succeed: both are checked
     m = dgrun.load(path, backend="cpu")
     canvas = m.args.canvas_length
     if m.tokenizer is not None:
@@ -421,12 +430,17 @@ def load_and_step(path: Path) -> str:
     return f"ok {len(r.ids)} tokens"
 
 
+def checkpoint_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+
+
 def _child(path: Path, wfd: int) -> None:
     import torch
 
     from dgrun.errors import DgrunError
 
     torch.set_num_threads(1)
+    budget = MEMORY_FIXED + MEMORY_PER_BYTE * checkpoint_bytes(path)
     base = _rss()
     _, hard = resource.getrlimit(resource.RLIMIT_AS)
     vm = int(open("/proc/self/statm").read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
@@ -443,8 +457,11 @@ def _child(path: Path, wfd: int) -> None:
         where = traceback.extract_tb(e.__traceback__)[-1]
         outcome = "oversized" if alloc else "escape"
         detail = f"{text[:300]} at {Path(where.filename).name}:{where.lineno}"
-    if outcome != "oversized" and _peak() - base > MEMORY_BUDGET:
-        outcome, detail = "oversized", f"peak RSS +{(_peak() - base) // MiB} MiB ({detail})"
+    grown = _peak() - base
+    if outcome != "oversized" and grown > budget:
+        outcome, detail = "oversized", f"peak RSS +{grown // MiB} MiB ({detail})"
+    elif outcome == "ok":
+        detail += f", peak RSS +{grown // MiB} MiB"
     if outcome == "error" and "\n" in detail:
         outcome, detail = "escape", f"multi-line DgrunError: {detail[:300]!r}"
     os.write(wfd, json.dumps([outcome, detail]).encode()[:60_000])
@@ -505,5 +522,3 @@ def run_many(seeds: dict[str, Path], first: int, count: int, work: Path, timeout
             report(seed, what, outcome, detail, seconds)
     return {"tally": tally, "bad": bad}
 
-
-__all__ = ["make_seeds", "build_case", "run_case", "run_many", "math"]

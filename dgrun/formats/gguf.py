@@ -70,7 +70,7 @@ def architecture(reader: GGUFFile, path: Path) -> str:
     return arch
 
 
-def _scalar(reader, path, key, kind="int", default=...):
+def scalar(reader, path, key, kind="int", default=...):
     value = typed(reader, key, kind, default)
     if isinstance(value, list):  # llama.cpp allows per-layer arrays for some keys; dgrun needs them uniform
         if len(set(value)) != 1:
@@ -103,56 +103,56 @@ def partial_rotary_factor(freqs: np.ndarray, head_dim: int, path) -> float:
 def model_args(reader: GGUFFile, path: Path, vocab_size: int, rope_freqs) -> ModelArgs:
     """`diffusion-gemma.*` hyperparameters -> ModelArgs, with llama.cpp's defaults where it has them."""
     k = lambda name: f"{ARCH}.{name}"  # noqa: E731
-    n_layer = checks.integer(k("block_count"), _scalar(reader, path, k("block_count")), 1, 1024)
+    n_layer = checks.integer(k("block_count"), scalar(reader, path, k("block_count")), 1, 1024)
     pattern = typed(reader, k("attention.sliding_window_pattern"), "bool")
     if not isinstance(pattern, list) or len(pattern) != n_layer:
         raise DgrunError(f"{path}: {k('attention.sliding_window_pattern')} = {checks.show(pattern)}: expected "
                          f"{n_layer} booleans, one per layer")
     if pattern[-1]:
         raise DgrunError(f"{path}: the last layer must be full attention (sliding_window_pattern ends in true)")
-    n_head = _scalar(reader, path, k("attention.head_count"))
+    n_head = scalar(reader, path, k("attention.head_count"))
     n_kv = typed(reader, k("attention.head_count_kv"), "int", n_head)  # llama.cpp's default: no grouping
     n_kv = n_kv if isinstance(n_kv, list) else [n_kv] * n_layer
     if len(n_kv) != n_layer:
         raise DgrunError(f"{path}: head_count_kv has {len(n_kv)} entries for {n_layer} layers")
     kv_swa, kv_full = _per_class(n_kv, pattern, path, "head_count_kv")
-    head_dim_full = _scalar(reader, path, k("attention.key_length"))
-    head_dim_swa = _scalar(reader, path, k("attention.key_length_swa"))
+    head_dim_full = scalar(reader, path, k("attention.key_length"))
+    head_dim_swa = scalar(reader, path, k("attention.key_length_swa"))
     for key, want in (("attention.value_length", head_dim_full), ("attention.value_length_swa", head_dim_swa),
                       ("rope.dimension_count", head_dim_full), ("rope.dimension_count_swa", head_dim_swa)):
-        got = _scalar(reader, path, k(key), "int", want)
+        got = scalar(reader, path, k(key), "int", want)
         if got != want:  # the engine rotates whole heads; partial rotary comes only from rope_freqs
             raise DgrunError(f"{path}: {k(key)} = {got}, expected {want}: unsupported")
     head_dim_full = checks.integer(k("attention.key_length"), head_dim_full, 2, 8192)
     prf = 0.25 if rope_freqs is None else partial_rotary_factor(rope_freqs, head_dim_full, path)
-    softcap = _scalar(reader, path, k("final_logit_softcapping"), "float", 30.0)
+    softcap = scalar(reader, path, k("final_logit_softcapping"), "float", 30.0)
     eos = typed(reader, "tokenizer.ggml.eos_token_id", "int", None)
     try:
         return ModelArgs(
             vocab_size=vocab_size,
-            hidden_size=_scalar(reader, path, k("embedding_length")),
-            intermediate_size=_scalar(reader, path, k("feed_forward_length")),
+            hidden_size=scalar(reader, path, k("embedding_length")),
+            intermediate_size=scalar(reader, path, k("feed_forward_length")),
             num_hidden_layers=n_layer,
             num_attention_heads=n_head,
             num_key_value_heads=kv_swa,
             num_global_key_value_heads=kv_full,
             head_dim=head_dim_swa,
             global_head_dim=head_dim_full,
-            sliding_window=_scalar(reader, path, k("attention.sliding_window")),
+            sliding_window=scalar(reader, path, k("attention.sliding_window")),
             layer_types=["sliding_attention" if s else "full_attention" for s in pattern],
             rope_parameters={
                 "sliding_attention": {"rope_type": "default",
-                                      "rope_theta": _scalar(reader, path, k("rope.freq_base_swa"), "float",
+                                      "rope_theta": scalar(reader, path, k("rope.freq_base_swa"), "float",
                                                             10_000.0)},
                 "full_attention": {"rope_type": "proportional", "partial_rotary_factor": prf,
-                                   "rope_theta": _scalar(reader, path, k("rope.freq_base"), "float", 1_000_000.0)},
+                                   "rope_theta": scalar(reader, path, k("rope.freq_base"), "float", 1_000_000.0)},
             },
-            rms_norm_eps=_scalar(reader, path, k("attention.layer_norm_rms_epsilon"), "float"),
+            rms_norm_eps=scalar(reader, path, k("attention.layer_norm_rms_epsilon"), "float"),
             final_logit_softcapping=softcap or None,
-            num_experts=_scalar(reader, path, k("expert_count")),
-            top_k_experts=_scalar(reader, path, k("expert_used_count")),
-            moe_intermediate_size=_scalar(reader, path, k("expert_feed_forward_length")),
-            canvas_length=_scalar(reader, path, "diffusion.canvas_length"),
+            num_experts=scalar(reader, path, k("expert_count")),
+            top_k_experts=scalar(reader, path, k("expert_used_count")),
+            moe_intermediate_size=scalar(reader, path, k("expert_feed_forward_length")),
+            canvas_length=scalar(reader, path, "diffusion.canvas_length"),
             pad_token_id=typed(reader, "tokenizer.ggml.padding_token_id", "int", 0),
             bos_token_id=typed(reader, "tokenizer.ggml.bos_token_id", "int", 2),
             eos_token_id=eos_ids(reader, eos),
