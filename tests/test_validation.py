@@ -170,3 +170,11 @@ def test_gguf_counts_checked_before_reading(gguf_seed, tmp_path):
     data[16:24] = struct.pack("<Q", 60_000)  # metadata count: allowed, but more than the file can hold
     (tmp_path / "b.gguf").write_bytes(data)
     assert "truncated GGUF" in load_error(tmp_path / "b.gguf")
+
+
+def test_one_type_table():
+    """The types a GGUF may hold (dgrun/packed.py) are exactly those the quantizers write and --tensor-type names."""
+    from dgrun.convert import policy, quants
+    from dgrun.packed import GGUF_TYPES
+
+    assert set(quants.TYPES) == set(GGUF_TYPES) == set(policy.OVERRIDE_TYPES.values())

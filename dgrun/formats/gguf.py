@@ -16,8 +16,8 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT, GGUFValueType
 
 from dgrun import checks, tokenizer
-from dgrun.formats.common import Checkpoint, check_shapes
 from dgrun.errors import DgrunError
+from dgrun.formats.common import Checkpoint, check_shapes
 from dgrun.formats.gguf_file import GGUFFile
 from dgrun.models.diffusion_gemma import ARCH, SAMPLER_KEYS, ModelArgs, expected_shapes
 from dgrun.packed import GGUF_FLOAT, GGUF_TYPES, QTensor
@@ -85,7 +85,7 @@ def _per_class(values: list, pattern: list[bool], path, key) -> tuple[int, int]:
     sliding = {v for v, s in zip(values, pattern) if s}
     full = {v for v, s in zip(values, pattern) if not s}
     if len(sliding) > 1 or len(full) > 1:
-        raise DgrunError(f"{path}: {key} varies within sliding or full layers ({values})")
+        raise DgrunError(f"{path}: {key} varies within sliding or full layers ({checks.show(values)})")
     return (sliding or full).pop(), (full or sliding).pop()
 
 
