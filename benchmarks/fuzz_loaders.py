@@ -59,7 +59,8 @@ def main() -> int:
     n = sum(tally.values())
     print(f"{n} cases in {seconds:.0f} s ({a.jobs} jobs): " + ", ".join(f"{k} {v}" for k, v in sorted(tally.items())))
     print(f"escapes {tally.get('escape', 0) + tally.get('crash', 0)}, hangs {tally.get('hang', 0)}, "
-          f"oversized {tally.get('oversized', 0)}")
+          f"oversized {tally.get('oversized', 0)}; slowest case {max(r['slowest'] for r in results):.2f} s, "
+          f"largest memory growth {100 * max(r['memory'] for r in results):.0f}% of its budget")
     return 1 if bad else 0
 
 

@@ -17,7 +17,7 @@ ARCH = "diffusion-gemma"
 LAYER_TYPES = ("sliding_attention", "full_attention")
 MAX_HEADS = 1024
 # Upper bounds on sizes, far above the released model's, so a corrupt value stops here and not in an allocation.
-# canvas_length: the released model uses 256 and its config allows up to 512; 1024 leaves a 2x margin.
+# canvas_length: the released model uses 256 and known checkpoints go up to 512; 1024 leaves a 2x margin.
 MAX_CANVAS = 1024
 SIZE_LIMITS = {"vocab_size": 1 << 22, "hidden_size": 1 << 16, "intermediate_size": 1 << 18,
                "num_hidden_layers": 1024, "num_attention_heads": MAX_HEADS, "num_key_value_heads": MAX_HEADS,

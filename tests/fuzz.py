@@ -460,16 +460,15 @@ def _child(path: Path, wfd: int) -> None:
     grown = _peak() - base
     if outcome != "oversized" and grown > budget:
         outcome, detail = "oversized", f"peak RSS +{grown // MiB} MiB ({detail})"
-    elif outcome == "ok":
-        detail += f", peak RSS +{grown // MiB} MiB"
     if outcome == "error" and "\n" in detail:
         outcome, detail = "escape", f"multi-line DgrunError: {detail[:300]!r}"
-    os.write(wfd, json.dumps([outcome, detail]).encode()[:60_000])
+    os.write(wfd, json.dumps([outcome, detail[:2000], grown / budget]).encode())
     os._exit(0)
 
 
-def run_case(path: Path, timeout: float) -> tuple[str, str, float]:
-    """(outcome, detail, seconds) with outcome in ok / error / escape / oversized / hang / crash."""
+def run_case(path: Path, timeout: float) -> tuple[str, str, float, float]:
+    """(outcome, detail, seconds, peak memory growth as a fraction of the budget) with outcome in
+    ok / error / escape / oversized / hang / crash."""
     r, w = os.pipe()
     t0 = time.perf_counter()
     pid = os.fork()
@@ -490,7 +489,7 @@ def run_case(path: Path, timeout: float) -> tuple[str, str, float]:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
             os.close(r)
-            return "hang", f"no result in {timeout:.0f} s", time.perf_counter() - t0
+            return "hang", f"no result in {timeout:.0f} s", time.perf_counter() - t0, 0.0
         chunk = os.read(r, 65536)
         if not chunk:
             break
@@ -499,26 +498,28 @@ def run_case(path: Path, timeout: float) -> tuple[str, str, float]:
     _, status = os.waitpid(pid, 0)
     seconds = time.perf_counter() - t0
     if not chunks:
-        return "crash", f"child died (status {status})", seconds
-    outcome, detail = json.loads(b"".join(chunks))
-    return outcome, detail, seconds
+        return "crash", f"child died (status {status})", seconds, 0.0
+    outcome, detail, memory = json.loads(b"".join(chunks))
+    return outcome, detail, seconds, memory
 
 
 def run_many(seeds: dict[str, Path], first: int, count: int, work: Path, timeout: float, report=None) -> dict:
-    """Run cases first..first+count-1; returns the tally and the bad cases."""
-    tally, bad = {}, []
+    """Run cases first..first+count-1; returns the tally, the bad cases, the slowest case's seconds and the
+    largest peak memory growth as a fraction of its budget."""
+    tally, bad, slowest, memory = {}, [], 0.0, 0.0
     for seed in range(first, first + count):
         case = work / str(seed)
         case.mkdir(parents=True)
         try:
             path, what = build_case(seeds, seed, case)
-            outcome, detail, seconds = run_case(path, timeout)
+            outcome, detail, seconds, grown = run_case(path, timeout)
         finally:
             shutil.rmtree(case, ignore_errors=True)
         tally[outcome] = tally.get(outcome, 0) + 1
+        slowest, memory = max(slowest, seconds), max(memory, grown)
         if outcome not in ("ok", "error"):
             bad.append((seed, what, outcome, detail))
         if report:
             report(seed, what, outcome, detail, seconds)
-    return {"tally": tally, "bad": bad}
+    return {"tally": tally, "bad": bad, "slowest": slowest, "memory": memory}
 

@@ -22,7 +22,7 @@ def seeds(tmp_path_factory):
 def test_seeds_load_and_generate(seeds, tmp_path):
     assert {"hf", "gguf-bf16", "gguf-q8"} <= set(seeds)
     for kind, path in seeds.items():
-        outcome, detail, _ = fuzz.run_case(path, TIMEOUT)
+        outcome, detail, _, _ = fuzz.run_case(path, TIMEOUT)
         assert outcome == "ok", (kind, detail)
 
 
