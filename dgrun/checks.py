@@ -74,7 +74,7 @@ def sequence(name: str, value, length: int | None = None, most: int = 1 << 20) -
 
 
 # Sampler knob bounds: far beyond any useful setting, tight enough that a bad file cannot loop or allocate forever.
-MAX_STEPS = 10_000
+MAX_STEPS = 1_000_000
 MAX_NEW_TOKENS = 1 << 20
 
 
