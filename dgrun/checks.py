@@ -75,7 +75,8 @@ def sequence(name: str, value, length: int | None = None, most: int = 1 << 20) -
 
 # Sampler knob bounds: far beyond any useful setting, tight enough that a bad file cannot loop or allocate forever.
 MAX_STEPS = 1_000_000
-MAX_NEW_TOKENS = 1 << 20
+MAX_STABILITY = 1_000  # the backends keep this many argmax canvases per block: 8 MiB at a 1,024 canvas
+MAX_NEW_TOKENS = 1 << 17  # 128 Ki tokens, a long context's worth: a bad default cannot run for ever
 
 
 def sampler(knobs: dict) -> dict:
@@ -83,7 +84,7 @@ def sampler(knobs: dict) -> dict:
     out = dict(knobs)
     for name in ("steps", "stability_threshold", "max_new_tokens", "seed"):
         if name in out:
-            lo, hi = {"steps": (1, MAX_STEPS), "stability_threshold": (0, MAX_STEPS),
+            lo, hi = {"steps": (1, MAX_STEPS), "stability_threshold": (0, MAX_STABILITY),
                       "max_new_tokens": (1, MAX_NEW_TOKENS), "seed": (-(2**63), 2**64 - 1)}[name]
             out[name] = integer(name, out[name], lo, hi)
     for name in ("t_min", "t_max"):

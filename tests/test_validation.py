@@ -66,6 +66,7 @@ def test_config_values(hf, key, value, needle):
 @pytest.mark.parametrize("key, value, needle", [
     ("t_max", "hot", "t_max = 'hot'"),
     ("max_denoising_steps", 10**12, "steps = 1000000000000"),
+    ("stability_threshold", 524_290, "stability_threshold = 524290"),
     ("confidence_threshold", float("nan"), "confidence_threshold = nan"),
     ("sampler_config", {"entropy_bound": -1}, "entropy_bound = -1"),
     ("eos_token_id", "x", "eos_token_id = 'x'"),
