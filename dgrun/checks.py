@@ -76,7 +76,7 @@ def sequence(name: str, value, length: int | None = None, most: int = 1 << 20) -
 # Sampler knob bounds: far beyond any useful setting, tight enough that a bad file cannot loop or allocate forever.
 MAX_STEPS = 1_000_000
 MAX_STABILITY = 1_000  # the backends keep this many argmax canvases per block: 8 MiB at a 1,024 canvas
-MAX_NEW_TOKENS = 1 << 17  # 128 Ki tokens, a long context's worth: a bad default cannot run for ever
+MAX_NEW_TOKENS = 1 << 17  # 128 Ki tokens, a long context's worth
 
 
 def sampler(knobs: dict) -> dict:
