@@ -12,14 +12,15 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from dgrun.checkpoint import open_hf_dir, read_json
 from dgrun.convert import policy
 from dgrun.convert.gguf_writer import Planned, WriteStats, write_gguf
 from dgrun.convert.metadata import Metadata, copied_metadata, general_metadata, model_metadata, rope_freqs
 from dgrun.convert.sources import SafetensorsFiles, SourceTensor, constant, gguf_tensor
 from dgrun.convert.vocab import tokenizer_metadata
 from dgrun.errors import DgrunError
-from dgrun.gguf_io import read_gguf
+from dgrun.formats.gguf import read_gguf
+from dgrun.formats.safetensors import open_hf_dir
+from dgrun.jsonfile import read_json
 from dgrun.models.diffusion_gemma import ModelArgs
 
 

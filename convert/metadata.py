@@ -14,8 +14,8 @@ from typing import Any
 import gguf
 from gguf import GGUFValueType as VT
 
-from dgrun.gguf_file import GGUFFile
-from dgrun.models.diffusion_gemma import ARCH, ModelArgs
+from dgrun.formats.gguf_file import GGUFFile
+from dgrun.models.diffusion_gemma import ARCH, SAMPLER_KEYS, ModelArgs
 
 
 @dataclass(frozen=True)
@@ -121,16 +121,14 @@ def model_metadata(config: dict, args: ModelArgs, generation: dict | None, gener
 
 
 def sampler_metadata(gen: dict) -> Metadata:
-    """diffusion.eb_* from generation_config.json; entropy_bound is nested under sampler_config."""
-    m, sampler = Metadata(), gen.get("sampler_config") or {}
-    for key, value, put in (("eb_max_steps", gen.get("max_denoising_steps"), m.u32),
-                            ("eb_t_min", gen.get("t_min"), m.f32),
-                            ("eb_t_max", gen.get("t_max"), m.f32),
-                            ("eb_entropy_bound", sampler.get("entropy_bound"), m.f32),
-                            ("eb_stability_threshold", gen.get("stability_threshold"), m.u32),
-                            ("eb_confidence_threshold", gen.get("confidence_threshold"), m.f32)):
-        if value is not None:  # released configs may hold nulls: write only what is set
-            put(f"diffusion.{key}", value)
+    """diffusion.eb_* from generation_config.json (SAMPLER_KEYS; entropy_bound is nested under sampler_config)."""
+    m = Metadata()
+    for _, key, gguf_key, kind in SAMPLER_KEYS:
+        node = gen
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if gguf_key is not None and node is not None:  # released configs may hold nulls: write only what is set
+            (m.u32 if kind is int else m.f32)(gguf_key, node)
     return m
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from dgrun.convert.affine import GROUP_SIZES
+from dgrun.packed import GROUP_SIZES
 from dgrun.errors import DgrunError
 
 EXPERTS = re.compile(r"^blk\.\d+\.ffn_(gate_up|gate|up|down)_exps\.weight$")

@@ -17,10 +17,10 @@ from typing import Callable
 
 import torch
 
-from dgrun.checkpoint import LazyTensor, open_hf_dir, read_json
-from dgrun.convert.affine import AffineTensor
-from dgrun.models.diffusion_gemma import ModelArgs
-from dgrun.qtensor import QTensor
+from dgrun.formats.safetensors import LazyTensor, open_hf_dir
+from dgrun.jsonfile import read_json
+from dgrun.models.diffusion_gemma import SAMPLER_KEYS, ModelArgs
+from dgrun.packed import AffineTensor, QTensor
 
 TOKENIZER_GLOBS = ("*.json", "*.jinja", "*.model", "*.txt")  # as mlx-vlm's convert copies them
 NOT_COPIED = {"config.json", "model.safetensors.index.json"}
@@ -63,23 +63,23 @@ def config_from_args(args: ModelArgs) -> dict:
 
 
 def generation_from_defaults(defaults: dict, args: ModelArgs) -> dict:
-    """dgrun's sampler knob names -> generation_config.json keys (the inverse of checkpoint.generation_defaults)."""
-    names = {"steps": "max_denoising_steps", "t_min": "t_min", "t_max": "t_max",
-             "stability_threshold": "stability_threshold", "confidence_threshold": "confidence_threshold"}
-    gen = {names[k]: v for k, v in defaults.items() if k in names}
-    if "entropy_bound" in defaults:
-        gen["sampler_config"] = {"entropy_bound": defaults["entropy_bound"]}
+    """dgrun's sampler knobs -> generation_config.json keys (SAMPLER_KEYS; a dotted key is nested)."""
+    gen = {}
+    for knob, key, gguf_key, _ in SAMPLER_KEYS:
+        if knob in defaults and gguf_key is not None:  # what a GGUF can hold
+            *parents, leaf = key.split(".")
+            node = gen
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = defaults[knob]
     gen.update(eos_token_id=args.eos_token_id, pad_token_id=args.pad_token_id, bos_token_id=args.bos_token_id)
     return gen
 
 
-def gguf_tokenizer_files(src: Path) -> dict[str, str]:
+def gguf_tokenizer_files(src: Path, tok) -> dict[str, str]:
     """tokenizer.json, tokenizer_config.json and chat_template.jinja rebuilt from a GGUF's tokenizer."""
     import json
 
-    from dgrun.tokenizer import find
-
-    tok = find(src)
     if tok is None:
         print(f"dgrun: warning: {src.name} holds no tokenizer: the output can only take token ids", file=sys.stderr)
         return {}
@@ -92,7 +92,7 @@ def gguf_tokenizer_files(src: Path) -> dict[str, str]:
 
 def open_source(src: Path) -> Source:
     from dgrun.checkpoint import load
-    from dgrun.mlx_io import is_mlx_dir
+    from dgrun.formats.mlx import is_mlx_dir
 
     if src.is_dir() and not is_mlx_dir(src):
         ckpt = open_hf_dir(src)
@@ -101,7 +101,7 @@ def open_source(src: Path) -> Source:
     tensors = {name: (tuple(v.shape), _reader(v)) for name, v in ckpt.weights.items()}
     if not src.is_dir():
         return Source(ckpt.args, config_from_args(ckpt.args), generation_from_defaults(ckpt.defaults, ckpt.args),
-                      tensors, [], gguf_tokenizer_files(src))
+                      tensors, [], gguf_tokenizer_files(src, ckpt.tokenizer))
     config = read_json(src / "config.json")
     for key in ("quantization", "quantization_config"):
         config.pop(key, None)

@@ -22,7 +22,7 @@ from pathlib import Path
 from dgrun.convert.mlx_policy import Policy, policy_for
 from dgrun.convert.mlx_source import Source, open_source
 from dgrun.errors import DgrunError
-from dgrun.mlx_io import mlx_name, module_path
+from dgrun.formats.mlx import mlx_name, module_path
 from dgrun.models.diffusion_gemma import expected_shapes
 
 MAX_SHARD_BYTES = 5 << 30  # mlx-vlm's MAX_FILE_SIZE_GB

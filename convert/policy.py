@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT
 
 from dgrun.errors import DgrunError
+from dgrun.packed import GGUF_TYPES
 
 
 @dataclass(frozen=True)
@@ -30,8 +31,7 @@ TARGETS = {
 }
 
 # Types a --tensor-type override may name (the ones dgrun can write).
-OVERRIDE_TYPES = {t.name.lower(): t for t in (QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0,
-                                              QT.Q5_1, QT.Q4_K, QT.Q5_K, QT.Q6_K)}
+OVERRIDE_TYPES = {t.name.lower(): t for t in GGUF_TYPES}
 
 # llama-quantize's fallback when a row is not a multiple of 256: a 32-block type of similar size.
 K_FALLBACK = {QT.Q4_K: QT.Q5_0, QT.Q5_K: QT.Q5_1, QT.Q6_K: QT.Q8_0}

@@ -7,7 +7,6 @@ special ids, add_* flags and the chat template come from gguf-py's SpecialVocab,
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from pathlib import Path
@@ -17,6 +16,8 @@ from gguf import GGUFValueType as VT, TokenType
 
 from dgrun.convert.metadata import Metadata
 from dgrun.errors import DgrunError
+from dgrun.jsonfile import read_json
+from dgrun.tokenizer import special_text
 
 # Gemma4 always renders these so chat parsers can see them (conversion/gemma.py, set_vocab).
 VISIBLE = {"<|channel>", "<channel|>", "<|tool_call>", "<tool_call|>", "<|tool_response>", "<tool_response|>",
@@ -28,16 +29,7 @@ BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
 def _read(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    except (OSError, ValueError) as e:
-        raise DgrunError(f"{path}: cannot read JSON ({e})") from e
-
-
-def _content(entry) -> str | None:
-    if isinstance(entry, dict):
-        entry = entry.get("content")
-    return entry if isinstance(entry, str) else None
+    return read_json(path, missing={})
 
 
 def special_texts(path: Path) -> set[str]:
@@ -45,12 +37,12 @@ def special_texts(path: Path) -> set[str]:
     out = set()
     for cfg in (_read(path / "special_tokens_map.json"), _read(path / "tokenizer_config.json")):
         for key in SPECIAL_KEYS:
-            if (text := _content(cfg.get(key))) is not None:
+            if (text := special_text(cfg.get(key))) is not None:
                 out.add(text)
         for key in ("additional_special_tokens", "extra_special_tokens"):
             extra = cfg.get(key) or []
             for entry in (extra.values() if isinstance(extra, dict) else extra):
-                if (text := _content(entry)) is not None:
+                if (text := special_text(entry)) is not None:
                     out.add(text)
     return out
 

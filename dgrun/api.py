@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator
 
 from dgrun import checkpoint, tokenizer
@@ -169,4 +168,4 @@ def load(path=None, backend: str = "auto", dtype: str | None = None, ctx_size: i
     if hub.is_repo_id(str(path)):
         path = hub.resolve(str(path))
     ckpt = checkpoint.load(path)
-    return Model(ckpt, backend, dtype, tokenizer.find(Path(path).expanduser()), ctx_size)
+    return Model(ckpt, backend, dtype, ckpt.tokenizer, ctx_size)

@@ -31,20 +31,10 @@ class SamplerConfig:
     seed: int = 0
 
     def __post_init__(self):
-        checks = [
-            (isinstance(self.steps, int) and self.steps > 0, "steps must be a positive integer"),
-            (self.t_min >= 0, "t_min must be >= 0"),
-            (self.t_max > self.t_min, "t_max must be greater than t_min"),
-            (self.entropy_bound > 0, "entropy_bound must be > 0"),
-            (isinstance(self.stability_threshold, int) and self.stability_threshold >= 0,
-             "stability_threshold must be an integer >= 0"),
-            (self.confidence_threshold > 0, "confidence_threshold must be > 0"),
-            (isinstance(self.max_new_tokens, int) and self.max_new_tokens > 0,
-             "max_new_tokens must be a positive integer"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise DgrunError(message)
+        from dgrun import checks
+
+        for name, value in checks.sampler({f.name: getattr(self, f.name) for f in fields(self)}).items():
+            setattr(self, name, value)
 
     def update(self, **knobs) -> "SamplerConfig":
         names = {f.name for f in fields(self)}

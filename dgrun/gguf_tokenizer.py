@@ -74,9 +74,17 @@ def tokenizer_json(meta: dict) -> str:
     merges = meta.get("tokenizer.ggml.merges")
     if not tokens or merges is None:
         raise DgrunError("GGUF tokenizer: tokenizer.ggml.tokens or tokenizer.ggml.merges is missing")
-    types = meta.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
+    types = meta.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens) if isinstance(tokens, list) else None
+    for key, value, kind in (("tokens", tokens, str), ("merges", merges, str), ("token_type", types, int)):
+        if not isinstance(value, list) or not all(isinstance(v, kind) and not isinstance(v, bool) for v in value):
+            raise DgrunError(f"GGUF tokenizer: tokenizer.ggml.{key} is not a list of "
+                             f"{'UTF-8 strings' if kind is str else 'integers'}")
     if len(types) != len(tokens):
         raise DgrunError(f"GGUF tokenizer: {len(types)} token types for {len(tokens)} tokens")
+    for key in ("bos", "eos", "unknown", "padding"):
+        tid = meta.get(f"tokenizer.ggml.{key}_token_id")
+        if tid is not None and (isinstance(tid, bool) or not isinstance(tid, int) or not 0 <= tid < len(tokens)):
+            raise DgrunError(f"GGUF tokenizer: tokenizer.ggml.{key}_token_id = {tid!r} is not a token id")
     vocab = {}
     for i, (text, kind) in enumerate(zip(tokens, types)):
         # A <0xNN> that is not a BYTE token was an added token: keep it out of the byte-fallback lookup.

@@ -39,7 +39,7 @@ def hyperparameters(args: ModelArgs) -> dict:
 def _gguf(path: Path) -> dict:
     from gguf import LlamaFileType
 
-    from dgrun.gguf_io import field_value, read_gguf, sampler_defaults
+    from dgrun.formats.gguf import scalar, read_gguf, sampler_defaults
 
     reader, args = read_gguf(path)
     types, params = {}, 0
@@ -48,9 +48,10 @@ def _gguf(path: Path) -> dict:
         row["tensors"] += 1
         row["bytes"] += t.n_bytes
         params += math.prod(t.shape) if t.name != "rope_freqs.weight" else 0
-    ftype = field_value(reader, "general.file_type")
+    ftype = scalar(reader, path, "general.file_type", "int", None)
     tokens = reader.get("tokenizer.ggml.tokens")
-    meta = {"general.name": field_value(reader, "general.name"),
+    tokens = tokens if isinstance(tokens, list) else None
+    meta = {"general.name": scalar(reader, path, "general.name", "str", None),
             "general.file_type": LlamaFileType(ftype).name if ftype in set(LlamaFileType) else ftype,
             "tokenizer": f"{reader.get('tokenizer.ggml.model')}, {len(tokens)} tokens" if tokens else None,
             "chat_template": "tokenizer.chat_template" in reader.fields}
@@ -59,31 +60,31 @@ def _gguf(path: Path) -> dict:
 
 def _mlx(path: Path) -> dict:
     """An MLX-format directory: sizes from the safetensors headers (packed words, scales, biases as stored)."""
-    from safetensors import safe_open
-
-    from dgrun.checkpoint import read_generation_config, read_json
+    from dgrun.formats.common import read_generation_config
+    from dgrun.formats.mlx import quant_block
+    from dgrun.formats.safetensors import headers, read_config, safetensors_files
     from dgrun.models.diffusion_gemma import n_params
 
-    args = ModelArgs.from_config(read_json(path / "config.json"))
+    config, args = read_config(path)
+    quant_block(config, path)
+    defaults, args = read_generation_config(path, args)
     types, n = {}, 0
-    for f in sorted(path.glob("*.safetensors")):
-        with safe_open(f, framework="numpy") as st:
-            for name in st.keys():
-                part = st.get_slice(name)
-                row = types.setdefault(part.get_dtype(), {"tensors": 0, "bytes": 0})
-                row["tensors"] += 1
-                row["bytes"] += math.prod(part.get_shape()) * ST_ITEMSIZE.get(part.get_dtype(), 1)
-                n += 1
-    q = read_json(path / "config.json").get("quantization") or {}
+    for ref in headers(safetensors_files(path)).values():
+        row = types.setdefault(ref.dtype, {"tensors": 0, "bytes": 0})
+        row["tensors"] += 1
+        row["bytes"] += math.prod(ref.shape) * ST_ITEMSIZE.get(ref.dtype, 1)
+        n += 1
+    q = config.get("quantization") or {}
+    q = q if isinstance(q, dict) else {}
     overrides = sum(isinstance(v, dict) for v in q.values())
     meta = {"quantization": f"{q.get('bits')}-bit, group {q.get('group_size')}; {overrides} matrices overridden",
             "tokenizer": "tokenizer.json" if (path / "tokenizer.json").is_file() else None}
-    return _summary("mlx", path, args, n_params(args), n, types, meta, read_generation_config(path, args))
+    return _summary("mlx", path, args, n_params(args), n, types, meta, defaults)
 
 
 def _hf(path: Path) -> dict:
-    from dgrun.checkpoint import open_hf_dir
-    from dgrun.mlx_io import is_mlx_dir
+    from dgrun.formats.mlx import is_mlx_dir
+    from dgrun.formats.safetensors import open_hf_dir
 
     if is_mlx_dir(path):
         return _mlx(path)

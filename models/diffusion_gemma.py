@@ -10,9 +10,20 @@ import math
 import re
 from dataclasses import dataclass, field, fields
 
+from dgrun import checks
 from dgrun.errors import DgrunError
 
 ARCH = "diffusion-gemma"
+LAYER_TYPES = ("sliding_attention", "full_attention")
+MAX_HEADS = 1024
+# Upper bounds on sizes, far above the released model's, so a corrupt value stops here and not in an allocation.
+# canvas_length: the released model uses 256 and known checkpoints go up to 512; 1024 leaves a 2x margin.
+MAX_CANVAS = 1024
+SIZE_LIMITS = {"vocab_size": 1 << 22, "hidden_size": 1 << 16, "intermediate_size": 1 << 18,
+               "num_hidden_layers": 1024, "num_attention_heads": MAX_HEADS, "num_key_value_heads": MAX_HEADS,
+               "head_dim": 8192, "global_head_dim": 8192, "sliding_window": 1 << 24, "num_experts": 4096,
+               "top_k_experts": 4096, "moe_intermediate_size": 1 << 18, "canvas_length": MAX_CANVAS,
+               "max_position_embeddings": 1 << 24}
 
 # The transformers 5.23 defaults (configuration_diffusion_gemma.py), used where a config leaves a key out.
 DEFAULT_ROPE = {
@@ -63,37 +74,46 @@ class ModelArgs:
     per_layer_config: dict[int, dict] = field(default_factory=dict)
 
     def __post_init__(self):
+        """Type, range and consistency of every field, whatever the source (config.json, GGUF, a caller)."""
+        for name, hi in SIZE_LIMITS.items():
+            setattr(self, name, checks.integer(name, getattr(self, name), 1, hi))
+        checks.integer("top_k_experts", self.top_k_experts, 1, self.num_experts)
+        if self.num_global_key_value_heads is not None:
+            checks.integer("num_global_key_value_heads", self.num_global_key_value_heads, 1, MAX_HEADS)
         if not self.layer_types:
             self.layer_types = [
                 "full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(self.num_hidden_layers)
             ]
-        if len(self.layer_types) != self.num_hidden_layers:
-            raise DgrunError(f"config: {len(self.layer_types)} layer_types for {self.num_hidden_layers} layers")
-        self.layer_types = list(self.layer_types)
+        self.layer_types = checks.sequence("layer_types", self.layer_types, self.num_hidden_layers)
+        for kind in self.layer_types:
+            checks.text("layer_types entry", kind, LAYER_TYPES)
         self.layer_types[-1] = "full_attention"  # the reference forces the last layer to full attention
-        if isinstance(self.eos_token_id, int):
-            self.eos_token_id = [self.eos_token_id]
-        self.eos_token_id = list(self.eos_token_id or [])
-        self.per_layer_config = {int(k): v for k, v in (self.per_layer_config or {}).items() if str(k).isdigit()}
-        if self.hidden_activation not in ("gelu_pytorch_tanh", "gelu_tanh"):
-            raise DgrunError(f"config: unsupported hidden_activation {self.hidden_activation!r}")
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_experts",
-                     "top_k_experts", "moe_intermediate_size", "canvas_length", "sliding_window",
-                     "max_position_embeddings"):
-            if int(getattr(self, name)) <= 0:
-                raise DgrunError(f"config: {name} must be positive")
-        if self.top_k_experts > self.num_experts:
-            raise DgrunError("config: top_k_experts is larger than num_experts")
+        self.rope_parameters = checks.mapping("rope_parameters", self.rope_parameters)
+        self.per_layer_config = _per_layer(self.per_layer_config)
+        checks.text("hidden_activation", self.hidden_activation, ("gelu_pytorch_tanh", "gelu_tanh"))
+        self.rms_norm_eps = checks.real("rms_norm_eps", self.rms_norm_eps, 0.0, 1.0, above=True)
+        if self.final_logit_softcapping is not None:
+            self.final_logit_softcapping = checks.real("final_logit_softcapping", self.final_logit_softcapping,
+                                                       0.0, 1e6, above=True)
+        eos = self.eos_token_id
+        eos = [eos] if isinstance(eos, int) and not isinstance(eos, bool) else (eos or [])
+        self.eos_token_id = [checks.integer("eos_token_id", t, 0, self.vocab_size - 1)
+                             for t in checks.sequence("eos_token_id", eos, most=64)]
+        for name in ("pad_token_id", "bos_token_id"):
+            if getattr(self, name) is not None:
+                setattr(self, name, checks.integer(name, getattr(self, name), 0, self.vocab_size - 1))
+        self.layers  # noqa: B018  (builds and checks every layer's plan now, not at the first forward)
 
     @classmethod
     def from_config(cls, config: dict) -> "ModelArgs":
         """Read a DiffusionGemma `config.json` (root with `text_config`), ignoring keys we do not use."""
-        if config.get("model_type") != "diffusion_gemma" and "DiffusionGemmaForBlockDiffusion" not in config.get(
-            "architectures", []
-        ):
-            found = config.get("model_type") or config.get("architectures") or "unknown"
-            raise DgrunError(f"not a DiffusionGemma checkpoint (model_type: {found})")
-        text = dict(config.get("text_config") or {})
+        config = checks.mapping("config", config)
+        archs = config.get("architectures")
+        if config.get("model_type") != "diffusion_gemma" and not (
+                isinstance(archs, list) and "DiffusionGemmaForBlockDiffusion" in archs):
+            found = config.get("model_type") or archs or "unknown"
+            raise DgrunError(f"not a DiffusionGemma checkpoint (model_type: {checks.show(found)})")
+        text = dict(checks.mapping("text_config", config.get("text_config") or {}))
         if text.get("use_bidirectional_attention") == "all":
             raise DgrunError("config: use_bidirectional_attention='all' is not a DiffusionGemma setting")
         names = {f.name for f in fields(cls)}
@@ -107,8 +127,9 @@ class ModelArgs:
         return [self.layer(i) for i in range(self.num_hidden_layers)]
 
     def layer(self, i: int) -> LayerSpec:
-        sliding = self.layer_types[i] == "sliding_attention"
-        rope = self.rope_parameters.get(self.layer_types[i]) or DEFAULT_ROPE[self.layer_types[i]]
+        kind = self.layer_types[i]
+        sliding = kind == "sliding_attention"
+        rope = checks.mapping(f"rope_parameters[{kind!r}]", self.rope_parameters.get(kind) or DEFAULT_ROPE[kind])
         head_dim, n_kv = self.head_dim, self.num_key_value_heads
         if not sliding:
             # Either form: transformers' per_layer_config, or the released config's flat global_* keys.
@@ -121,14 +142,24 @@ class ModelArgs:
                 n_kv = self.num_global_key_value_heads or n_kv
         if self.num_attention_heads % n_kv:
             raise DgrunError(f"config: layer {i} has {n_kv} kv heads for {self.num_attention_heads} query heads")
+        if head_dim % 2:
+            raise DgrunError(f"config: layer {i} has an odd head_dim {head_dim}: rope rotates pairs")
+        rope_type = checks.text(f"rope_parameters[{kind!r}].rope_type", rope.get("rope_type", "default"),
+                                ("default", "proportional"))
+        factor = checks.real(f"rope_parameters[{kind!r}].partial_rotary_factor",
+                             rope.get("partial_rotary_factor", 1.0), 0.0, 1.0, above=True)
+        if rope_type == "default" and factor != 1.0:
+            raise DgrunError(f"config: rope_parameters[{kind!r}]: default rope with partial_rotary_factor "
+                             f"{factor:g} is not supported")
         return LayerSpec(
             sliding=sliding,
-            head_dim=int(head_dim),
-            n_kv_heads=int(n_kv),
+            head_dim=head_dim,
+            n_kv_heads=n_kv,
             k_eq_v=not sliding,  # the reference builds v_proj on sliding layers only
-            rope_type=rope.get("rope_type", "default"),
-            rope_theta=float(rope["rope_theta"]),
-            partial_rotary_factor=float(rope.get("partial_rotary_factor", 1.0)),
+            rope_type=rope_type,
+            rope_theta=checks.real(f"rope_parameters[{kind!r}].rope_theta", rope.get("rope_theta"), 0.0, 1e12,
+                                   above=True),
+            partial_rotary_factor=factor,
         )
 
     @property
@@ -157,6 +188,18 @@ def context_limit(args: ModelArgs, requested: int | None = None, budget: int | N
     return max(1, min(args.max_position_embeddings, budget // max(1, kv_bytes_per_token(args))))
 
 
+def _per_layer(value) -> dict[int, dict]:
+    """transformers' per_layer_config: {"5": {"head_dim": 512, "num_key_value_heads": 2}}; other keys ignored."""
+    out = {}
+    for key, entry in checks.mapping("per_layer_config", value or {}).items():
+        if not (str(key).isdigit() and len(str(key)) < 6):
+            continue
+        entry = checks.mapping(f"per_layer_config[{key!r}]", entry)
+        out[int(key)] = {k: checks.integer(f"per_layer_config[{key!r}].{k}", entry[k], 1, hi)
+                         for k, hi in (("head_dim", 8192), ("num_key_value_heads", MAX_HEADS)) if k in entry}
+    return out
+
+
 def rope_inv_freq(spec: LayerSpec):
     """Inverse frequencies of length head_dim/2, computed as transformers does (float32 torch ops, same order)."""
     import torch
@@ -170,6 +213,19 @@ def rope_inv_freq(spec: LayerSpec):
     if spec.rope_type == "default" and spec.partial_rotary_factor == 1.0:
         return 1.0 / (spec.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float) / d))
     raise DgrunError(f"unsupported rope: {spec.rope_type} with partial_rotary_factor {spec.partial_rotary_factor}")
+
+
+# Sampler defaults: dgrun's knob, its generation_config.json key (a dot means nested), the GGUF key llama.cpp
+# writes, and the value type. Readers and writers of both formats use this one table.
+SAMPLER_KEYS = [
+    ("steps", "max_denoising_steps", "diffusion.eb_max_steps", int),
+    ("t_min", "t_min", "diffusion.eb_t_min", float),
+    ("t_max", "t_max", "diffusion.eb_t_max", float),
+    ("entropy_bound", "sampler_config.entropy_bound", "diffusion.eb_entropy_bound", float),
+    ("stability_threshold", "stability_threshold", "diffusion.eb_stability_threshold", int),
+    ("confidence_threshold", "confidence_threshold", "diffusion.eb_confidence_threshold", float),
+    ("max_new_tokens", "max_new_tokens", None, int),
+]
 
 
 # HF safetensors name -> flat weights-dict name (the llama.cpp GGUF name). `{bid}` is the layer index.

@@ -24,7 +24,23 @@ HOSTILE = [
     "{% include '/etc/passwd' %}",
     "{% extends 'base.html' %}",
     "{% import 'macros' as m %}",
+]
+
+# Templates that would run for ever or build gigabytes (benchmarks/chat_template_bounds.py measures them).
+RUNAWAY = [
     "{{ range(10**9) | list | length }}",
+    "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}",
+    "{% macro f(n) %}{% if n > 0 %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}{{ f(40) }}",
+    "{{ 'x' * 10**10 }}",
+    "{{ (range(1000) | list) * 10**6 }}",
+    "{{ 'x'.ljust(10**10) }}",
+    "{{ 'x' | center(10**10) }}",
+    "{{ ('x' * 99999) | replace('x', 'y' * 99999) }}",
+    "{{ ('x' * 99999).replace('x', 'y' * 99999) }}",
+    "{{ '%0999999999d' | format(1) }}",
+    "{{ '{:>9999999999}'.format(1) }}",
+    "{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}",
+    "{% for i in range(99999) %}{% for j in range(99) %}{{ 'y' * 999 }}{% endfor %}{% endfor %}",
 ]
 
 
@@ -41,6 +57,29 @@ def test_gemma4_fallback_format():
 def test_sandbox_blocks_escapes(template):
     with pytest.raises(DgrunError, match="blocked"):
         render(template, [dict(m) for m in MESSAGES])
+
+
+@pytest.mark.parametrize("template", RUNAWAY)
+def test_runaway_templates_stop_within_bounds(template, monkeypatch):
+    import resource
+    import time
+
+    import dgrun.chat_template as ct
+
+    monkeypatch.setattr(ct, "TIME_LIMIT", 0.5)
+    peak0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.monotonic()
+    with pytest.raises(DgrunError, match="chat template (stopped|blocked)") as e:
+        render(template, MESSAGES)
+    assert "\n" not in str(e.value)
+    assert time.monotonic() - t0 < 2.0
+    # ru_maxrss is in KiB: the render may not raise the process's peak by much more than MEMORY_LIMIT
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak0 < 2 * ct.MEMORY_LIMIT // 1024
+
+
+def test_budget_leaves_real_templates_alone():
+    long = [{"role": "user" if i % 2 else "assistant", "content": "word " * 2000} for i in range(200)]
+    out = render(GEMMA4, long, True, bos_token="<bos>")
+    assert len(out) > 2_000_000 and out.endswith("<|turn>model\n")
 
 
 def test_template_errors_are_one_line():

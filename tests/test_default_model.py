@@ -13,7 +13,7 @@ import pytest
 
 import dgrun
 from dgrun.convert.convert import convert
-from dgrun.gguf_file import read_metadata
+from dgrun.formats.gguf_file import read_metadata
 from dgrun.models import DEFAULT_MODEL
 from dgrun.models.eval_tiny import INFILLS, chat_ids, shuffled, syntax_share
 

@@ -16,7 +16,7 @@ from test_parity import inputs, three_steps
 import dgrun
 from dgrun.checkpoint import load
 from dgrun.convert.convert import convert
-from dgrun.qtensor import QTensor
+from dgrun.packed import QTensor
 
 # Quantized logits against the float32 checkpoint (ckpt_k, seeds 0-1, plain and self-conditioned steps).
 # Measured 2026-11-23: Q8_0 max-abs 0.86, argmax agreement 0.94; Q4_K_M max-abs 2.08, agreement 0.81 (logit

@@ -10,7 +10,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from dgrun.errors import DgrunError
-from dgrun.gguf_file import read_metadata
+from dgrun.formats.gguf_file import read_metadata
 from dgrun.gguf_tokenizer import tokenizer_json
 from dgrun.tokenizer import find
 from gemma_vocab import CORPUS, NOT_SPECIAL, PAST_BASE, SPECIAL, make_gemma_tokenizer, write_vocab_gguf

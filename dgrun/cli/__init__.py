@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Annotated, Optional
 
 import typer
 
@@ -13,47 +12,8 @@ try:  # typer >= 0.20 vendors click
 except ImportError:  # pragma: no cover
     from click import exceptions as cx
 
+from dgrun.cli.app import app
 from dgrun.errors import DgrunError
-
-EPILOG = """Examples:
-
-  dgrun run -p "def fib(n):"                 (the embedded tiny model)
-
-  dgrun chat                                 (ditto)
-
-  dgrun run -m ./my-checkpoint -p "def fib(n):" -n 64
-
-  dgrun run -m model.gguf --ids "2,651,1378" --steps 16 --json
-
-  dgrun convert ./my-checkpoint --to gguf-q4
-
-  dgrun info model-Q4_K_M.gguf
-"""
-
-app = typer.Typer(
-    name="dgrun",
-    help="Run DiffusionGemma locally: block diffusion with the reference sampler.",
-    epilog=EPILOG,
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
-
-
-def _version(value: bool):
-    if value:
-        from dgrun import __version__
-
-        print(f"dgrun {__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def _root(version: Annotated[Optional[bool], typer.Option("--version", "-V", callback=_version, is_eager=True,
-                                                          help="Print the version and exit.")] = None):
-    pass
-
 
 from dgrun.cli import run  # noqa: E402,F401  (registers its verb on `app`)
 from dgrun.cli import convert, info  # noqa: E402,F401

@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from dgrun.cli import app
+from dgrun.cli.app import app
 from dgrun.cli.options import (Backend, Confidence, Dtype, EntropyBound, Model, Seed, Stability, Steps, TMax,
                                TMin, default_model, sampler_knobs)
 from dgrun.cli.chat_commands import EXIT, Commands

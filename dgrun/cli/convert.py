@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from dgrun.cli import app
+from dgrun.cli.app import app
 from dgrun.errors import DgrunError
 
 TO_HELP = ("gguf-bf16 | gguf-f16 | gguf-q8 (Q8_0) | gguf-q4 (llama.cpp's Q4_K_M mix) | "

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from dgrun.cli import app
+from dgrun.cli.app import app
 from dgrun.errors import DgrunError
 
 

@@ -12,10 +12,13 @@ import re
 import sys
 from pathlib import Path
 
-from dgrun.checkpoint import Checkpoint, check_shapes, read_generation_config, read_json
-from dgrun.convert.affine import AffineTensor, check_params
+from dgrun import checks, tokenizer
 from dgrun.errors import DgrunError
-from dgrun.models.diffusion_gemma import HF_TO_GGUF, HF_VISION, ModelArgs, expected_shapes, hf_to_gguf_name
+from dgrun.formats.common import Checkpoint, check_shapes, read_generation_config
+from dgrun.formats.safetensors import headers, read_config, read_tensors, safetensors_files
+from dgrun.jsonfile import read_json
+from dgrun.models.diffusion_gemma import HF_TO_GGUF, HF_VISION, expected_shapes, hf_to_gguf_name
+from dgrun.packed import BITS, GROUP_SIZES, AffineTensor, check_params
 
 QUANT_PARTS = (".scales", ".biases")
 _EXPERT_SUFFIX = re.compile(r"\.experts\.(gate_up_proj|down_proj)\.weight$")
@@ -59,48 +62,65 @@ def is_mlx_dir(path: Path) -> bool:
             if (st.metadata() or {}).get("format") == "mlx":
                 return True
             return any(_EXPERT_SUFFIX.search(k) or k.endswith(".scales") for k in st.keys())
-    except Exception:  # an unreadable file is reported by the HF loader with its own message
+    except Exception:  # noqa: BLE001  (an unreadable file is reported by the HF loader with its own message)
         return False
 
 
 def read_raw(path: Path) -> dict:
-    from safetensors import SafetensorError, safe_open
+    """Every tensor of the directory, read; the vision tower's are noted (None), never read."""
+    refs = headers(safetensors_files(path), skip=lambda name: bool(HF_VISION.match(name)))
+    out = read_tensors({k: v for k, v in refs.items() if v is not None})
+    return {k: out.get(k) for k in refs}
 
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise DgrunError(f"{path}: no *.safetensors files")
-    raw = {}
-    for f in files:
-        try:
-            with safe_open(f, framework="pt") as st:
-                for k in st.keys():
-                    if not HF_VISION.match(k):
-                        raw[k] = st.get_tensor(k)
-                    else:
-                        raw[k] = None  # noted, never read
-        except (SafetensorError, OSError) as e:
-            raise DgrunError(f"{f}: cannot read safetensors ({e})") from e
-    return raw
+
+def _quant_entry(name: str, entry) -> dict:
+    entry = checks.mapping(name, entry)
+    out = {}
+    if "bits" in entry:
+        out["bits"] = checks.integer(f"{name}.bits", entry["bits"], 1, 32)
+        if out["bits"] not in BITS:
+            checks.fail(f"{name}.bits", entry["bits"], f"expected one of {BITS}")
+    if "group_size" in entry:
+        out["group_size"] = checks.integer(f"{name}.group_size", entry["group_size"], 1, 1 << 16)
+        if out["group_size"] not in GROUP_SIZES:
+            checks.fail(f"{name}.group_size", entry["group_size"], f"expected one of {GROUP_SIZES}")
+    return out
 
 
 def quant_block(config: dict, path: Path) -> dict | None:
+    """config.json's quantization block: the defaults, and per-module overrides keyed by module path."""
     q = config.get("quantization") or config.get("quantization_config")
     if q is None:
         return None
-    if q.get("mode", "affine") != "affine":
-        raise DgrunError(f"{path}: MLX quantization mode {q.get('mode')!r} is not supported (affine only)")
-    return q
+    try:
+        q = checks.mapping("quantization", q)
+        if q.get("mode", "affine") != "affine":
+            raise DgrunError(f"MLX quantization mode {checks.show(q.get('mode'))} is not supported (affine only)")
+        out = _quant_entry("quantization", {k: v for k, v in q.items() if k in ("bits", "group_size")})
+        for key, entry in q.items():
+            if isinstance(entry, dict):
+                out[key] = _quant_entry(f"quantization[{key[:80]!r}]", entry)
+        return out
+    except DgrunError as e:
+        raise DgrunError(f"{path / 'config.json'}: {e}") from None
 
 
 def _affine(name: str, raw: dict, quant: dict | None, cols: int, path: Path) -> AffineTensor:
+    import torch
+
     words, scales, biases = raw[name], raw.get(module_path(name) + ".scales"), raw.get(module_path(name) + ".biases")
     if scales is None or biases is None:
         raise DgrunError(f"{path}: {name} is packed but {module_path(name)}.scales/.biases are missing")
+    if words.dtype != torch.uint32 or words.dim() < 2:
+        raise DgrunError(f"{path}: {name} is packed but holds {words.dtype} of {words.dim()} dims, not uint32 words")
+    if not (scales.dtype.is_floating_point and biases.dtype.is_floating_point and scales.dim() == words.dim()):
+        raise DgrunError(f"{path}: {module_path(name)}.scales/.biases must be float tensors shaped like the words")
     bits, rem = divmod(words.shape[-1] * 32, cols)
     group = cols // max(1, scales.shape[-1])
-    if rem or group * scales.shape[-1] != cols or tuple(scales.shape) != tuple(biases.shape):
-        raise DgrunError(f"{path}: {name} {list(words.shape)} with scales {list(scales.shape)} does not hold "
-                         f"rows of {cols}")
+    if (rem or group * scales.shape[-1] != cols or tuple(scales.shape) != tuple(biases.shape)
+            or tuple(scales.shape[:-1]) != tuple(words.shape[:-1])):
+        raise DgrunError(f"{path}: {name} {list(words.shape)} with scales {list(scales.shape)} and biases "
+                         f"{list(biases.shape)} does not hold rows of {cols}")
     check_params(bits, group, cols, f"{path}: {name}")
     declared = (quant or {}).get(module_path(name))
     declared = declared if isinstance(declared, dict) else quant or {}
@@ -110,9 +130,8 @@ def _affine(name: str, raw: dict, quant: dict | None, cols: int, path: Path) -> 
     return AffineTensor(words.numpy(), scales, biases, group, bits)
 
 
-def load_mlx_dir(path: Path) -> Checkpoint:
-    config = read_json(path / "config.json")
-    args = ModelArgs.from_config(config)
+def load(path: Path) -> Checkpoint:
+    config, args = read_config(path)
     quant = quant_block(config, path)
     raw = read_raw(path)
     shapes = expected_shapes(args)
@@ -124,17 +143,17 @@ def load_mlx_dir(path: Path) -> Checkpoint:
         if flat is None:
             vision |= bool(HF_VISION.match(name))
             if not (vision or name.startswith(("lm_head.", "model.encoder.language_model."))):
-                raise DgrunError(f"{path}: unexpected tensor {name!r}: not a DiffusionGemma checkpoint?")
+                raise DgrunError(f"{path}: unexpected tensor {name[:120]!r}: not a DiffusionGemma checkpoint?")
             continue
         if flat not in shapes:
-            raise DgrunError(f"{path}: unexpected tensor {name!r} for this config")
+            raise DgrunError(f"{path}: unexpected tensor {name[:120]!r} for this config")
         packed = module_path(name) + ".scales" in raw and not tensor.dtype.is_floating_point
         weights[flat] = _affine(name, raw, quant, shapes[flat][-1], path) if packed else tensor
     if vision:
         print("dgrun: skipping the vision tower: image input is not supported yet", file=sys.stderr)
+    defaults, args = read_generation_config(path, args)
     try:
         check_shapes(weights, args)
     except DgrunError as e:
         raise DgrunError(f"{path}: {e}") from None
-    defaults = read_generation_config(path, args)
-    return Checkpoint(args, weights, defaults, path)
+    return Checkpoint(args, weights, defaults, path, tokenizer.from_dir(path, args.vocab_size))

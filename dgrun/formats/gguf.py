@@ -1,8 +1,10 @@
 """Read a DiffusionGemma GGUF (the llama.cpp layout, SPEC.md §3) into a Checkpoint, memory-mapped.
 
 Tensor names are already the flat-dict names, so nothing is renamed: F32/F16/BF16 become torch tensors that
-share the file's pages (dgrun.gguf_file maps it), quantized types stay packed as `QTensor`. Split expert
-tensors are fused and `rope_freqs` is checked against the proportional RoPE the engine computes itself.
+share the file's pages (gguf_file maps it), quantized types stay packed as `QTensor`. Split expert tensors are
+fused and `rope_freqs` is checked against the proportional RoPE the engine computes itself. The header is
+parsed once: hyperparameters, sampler defaults and the tokenizer all read the same parse, and each metadata
+value is type-checked here and range-checked by ModelArgs / checks.sampler before use.
 """
 
 from __future__ import annotations
@@ -13,24 +15,16 @@ from types import SimpleNamespace
 import numpy as np
 from gguf import GGMLQuantizationType as QT, GGUFValueType
 
-from dgrun.checkpoint import Checkpoint, check_shapes
+from dgrun import checks, tokenizer
 from dgrun.errors import DgrunError
-from dgrun.gguf_file import GGUFFile
-from dgrun.models.diffusion_gemma import ARCH, ModelArgs, expected_shapes
-from dgrun.qtensor import PACKED, QTensor
+from dgrun.formats.common import Checkpoint, check_shapes
+from dgrun.formats.gguf_file import GGUFFile
+from dgrun.models.diffusion_gemma import ARCH, SAMPLER_KEYS, ModelArgs, expected_shapes
+from dgrun.packed import GGUF_FLOAT, GGUF_TYPES, QTensor
 
-FLOAT_TYPES = frozenset({QT.F32, QT.F16, QT.BF16})
-SUPPORTED = FLOAT_TYPES | PACKED
-
-# diffusion.eb_* keys (llama.cpp's names) -> dgrun's sampler knob names.
-SAMPLER_KEYS = {
-    "diffusion.eb_max_steps": "steps",
-    "diffusion.eb_t_min": "t_min",
-    "diffusion.eb_t_max": "t_max",
-    "diffusion.eb_entropy_bound": "entropy_bound",
-    "diffusion.eb_stability_threshold": "stability_threshold",
-    "diffusion.eb_confidence_threshold": "confidence_threshold",
-}
+INT_TYPES = frozenset({GGUFValueType.UINT8, GGUFValueType.INT8, GGUFValueType.UINT16, GGUFValueType.INT16,
+                       GGUFValueType.UINT32, GGUFValueType.INT32, GGUFValueType.UINT64, GGUFValueType.INT64})
+FLOAT_VTYPES = frozenset({GGUFValueType.FLOAT32, GGUFValueType.FLOAT64})
 ROPE_UNROTATED = 1e29  # llama.cpp marks unrotated pairs with frequency factor 1e30 (theta / 1e30 ~ 0)
 
 
@@ -49,20 +43,39 @@ def field_value(reader: GGUFFile, key: str, default=None):
     return f.value
 
 
+def _kind(vtype) -> str | None:
+    return ("int" if vtype in INT_TYPES else "float" if vtype in FLOAT_VTYPES else
+            "bool" if vtype == GGUFValueType.BOOL else "str" if vtype == GGUFValueType.STRING else None)
+
+
+def typed(reader: GGUFFile, key: str, kind: str, default=...):
+    """A metadata value of the expected kind ("int", "float" (ints allowed), "str", "bool"), or a list of them
+    (per-layer arrays); anything else is one error naming the key and what it holds."""
+    f = reader.fields.get(key)
+    if f is None:
+        if default is ...:
+            raise DgrunError(f"{reader.path}: missing metadata key {key}")
+        return default
+    got = _kind(f.sub if f.vtype == GGUFValueType.ARRAY else f.vtype)
+    if got != kind and not (kind == "float" and got == "int"):
+        what = f"an array of {f.sub.name}" if f.sub is not None else f.vtype.name
+        raise DgrunError(f"{reader.path}: {key} = {checks.show(f.value)}: expected {kind}, found {what}")
+    return field_value(reader, key)
+
+
 def architecture(reader: GGUFFile, path: Path) -> str:
     arch = field_value(reader, "general.architecture")
     if arch != ARCH:
-        raise DgrunError(f"{path}: architecture {arch!r} is not DiffusionGemma ({ARCH!r})")
+        raise DgrunError(f"{path}: architecture {checks.show(arch)} is not DiffusionGemma ({ARCH!r})")
     return arch
 
 
-def _scalar(reader, path, key, default=...):
-    value = field_value(reader, key, None if default is ... else default)
-    if value is None and default is ...:
-        raise DgrunError(f"{path}: missing metadata key {key}")
+def scalar(reader, path, key, kind="int", default=...):
+    value = typed(reader, key, kind, default)
     if isinstance(value, list):  # llama.cpp allows per-layer arrays for some keys; dgrun needs them uniform
         if len(set(value)) != 1:
-            raise DgrunError(f"{path}: {key} varies per layer ({value}), which DiffusionGemma does not do")
+            raise DgrunError(f"{path}: {key} varies per layer ({checks.show(value)}), which DiffusionGemma does "
+                             f"not do")
         value = value[0]
     return value
 
@@ -72,7 +85,7 @@ def _per_class(values: list, pattern: list[bool], path, key) -> tuple[int, int]:
     sliding = {v for v, s in zip(values, pattern) if s}
     full = {v for v, s in zip(values, pattern) if not s}
     if len(sliding) > 1 or len(full) > 1:
-        raise DgrunError(f"{path}: {key} varies within sliding or full layers ({values})")
+        raise DgrunError(f"{path}: {key} varies within sliding or full layers ({checks.show(values)})")
     return (sliding or full).pop(), (full or sliding).pop()
 
 
@@ -90,70 +103,74 @@ def partial_rotary_factor(freqs: np.ndarray, head_dim: int, path) -> float:
 def model_args(reader: GGUFFile, path: Path, vocab_size: int, rope_freqs) -> ModelArgs:
     """`diffusion-gemma.*` hyperparameters -> ModelArgs, with llama.cpp's defaults where it has them."""
     k = lambda name: f"{ARCH}.{name}"  # noqa: E731
-    n_layer = int(_scalar(reader, path, k("block_count")))
-    pattern = field_value(reader, k("attention.sliding_window_pattern"))
-    if pattern is None:
-        raise DgrunError(f"{path}: missing metadata key {k('attention.sliding_window_pattern')}")
-    if len(pattern) != n_layer:
-        raise DgrunError(f"{path}: sliding_window_pattern has {len(pattern)} entries for {n_layer} layers")
-    pattern = [bool(p) for p in pattern]
+    n_layer = checks.integer(k("block_count"), scalar(reader, path, k("block_count")), 1, 1024)
+    pattern = typed(reader, k("attention.sliding_window_pattern"), "bool")
+    if not isinstance(pattern, list) or len(pattern) != n_layer:
+        raise DgrunError(f"{path}: {k('attention.sliding_window_pattern')} = {checks.show(pattern)}: expected "
+                         f"{n_layer} booleans, one per layer")
     if pattern[-1]:
         raise DgrunError(f"{path}: the last layer must be full attention (sliding_window_pattern ends in true)")
-    n_head = int(_scalar(reader, path, k("attention.head_count")))
-    n_kv = field_value(reader, k("attention.head_count_kv"), n_head)  # llama.cpp's default: no grouping
+    n_head = scalar(reader, path, k("attention.head_count"))
+    n_kv = typed(reader, k("attention.head_count_kv"), "int", n_head)  # llama.cpp's default: no grouping
     n_kv = n_kv if isinstance(n_kv, list) else [n_kv] * n_layer
     if len(n_kv) != n_layer:
         raise DgrunError(f"{path}: head_count_kv has {len(n_kv)} entries for {n_layer} layers")
     kv_swa, kv_full = _per_class(n_kv, pattern, path, "head_count_kv")
-    head_dim_full = int(_scalar(reader, path, k("attention.key_length")))
-    head_dim_swa = int(_scalar(reader, path, k("attention.key_length_swa")))
+    head_dim_full = scalar(reader, path, k("attention.key_length"))
+    head_dim_swa = scalar(reader, path, k("attention.key_length_swa"))
     for key, want in (("attention.value_length", head_dim_full), ("attention.value_length_swa", head_dim_swa),
                       ("rope.dimension_count", head_dim_full), ("rope.dimension_count_swa", head_dim_swa)):
-        got = _scalar(reader, path, k(key), want)
-        if int(got) != want:  # the engine rotates whole heads; partial rotary comes only from rope_freqs
+        got = scalar(reader, path, k(key), "int", want)
+        if got != want:  # the engine rotates whole heads; partial rotary comes only from rope_freqs
             raise DgrunError(f"{path}: {k(key)} = {got}, expected {want}: unsupported")
+    head_dim_full = checks.integer(k("attention.key_length"), head_dim_full, 2, 8192)
     prf = 0.25 if rope_freqs is None else partial_rotary_factor(rope_freqs, head_dim_full, path)
-    softcap = _scalar(reader, path, k("final_logit_softcapping"), 30.0)
-    eos = field_value(reader, "tokenizer.ggml.eos_token_id")
-    return ModelArgs(
-        vocab_size=vocab_size,
-        hidden_size=int(_scalar(reader, path, k("embedding_length"))),
-        intermediate_size=int(_scalar(reader, path, k("feed_forward_length"))),
-        num_hidden_layers=n_layer,
-        num_attention_heads=n_head,
-        num_key_value_heads=int(kv_swa),
-        num_global_key_value_heads=int(kv_full),
-        head_dim=head_dim_swa,
-        global_head_dim=head_dim_full,
-        sliding_window=int(_scalar(reader, path, k("attention.sliding_window"))),
-        layer_types=["sliding_attention" if s else "full_attention" for s in pattern],
-        rope_parameters={
-            "sliding_attention": {"rope_type": "default",
-                                  "rope_theta": _scalar(reader, path, k("rope.freq_base_swa"), 10_000.0)},
-            "full_attention": {"rope_type": "proportional", "partial_rotary_factor": prf,
-                               "rope_theta": _scalar(reader, path, k("rope.freq_base"), 1_000_000.0)},
-        },
-        rms_norm_eps=_scalar(reader, path, k("attention.layer_norm_rms_epsilon")),
-        final_logit_softcapping=softcap or None,
-        num_experts=int(_scalar(reader, path, k("expert_count"))),
-        top_k_experts=int(_scalar(reader, path, k("expert_used_count"))),
-        moe_intermediate_size=int(_scalar(reader, path, k("expert_feed_forward_length"))),
-        canvas_length=int(_scalar(reader, path, "diffusion.canvas_length")),
-        max_position_embeddings=int(_scalar(reader, path, k("context_length"), 131_072)),
-        pad_token_id=field_value(reader, "tokenizer.ggml.padding_token_id", 0),
-        bos_token_id=field_value(reader, "tokenizer.ggml.bos_token_id", 2),
-        eos_token_id=eos_ids(reader, eos),
-    )
+    softcap = scalar(reader, path, k("final_logit_softcapping"), "float", 30.0)
+    eos = typed(reader, "tokenizer.ggml.eos_token_id", "int", None)
+    try:
+        return ModelArgs(
+            vocab_size=vocab_size,
+            hidden_size=scalar(reader, path, k("embedding_length")),
+            intermediate_size=scalar(reader, path, k("feed_forward_length")),
+            num_hidden_layers=n_layer,
+            num_attention_heads=n_head,
+            num_key_value_heads=kv_swa,
+            num_global_key_value_heads=kv_full,
+            head_dim=head_dim_swa,
+            global_head_dim=head_dim_full,
+            sliding_window=scalar(reader, path, k("attention.sliding_window")),
+            layer_types=["sliding_attention" if s else "full_attention" for s in pattern],
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default",
+                                      "rope_theta": scalar(reader, path, k("rope.freq_base_swa"), "float",
+                                                            10_000.0)},
+                "full_attention": {"rope_type": "proportional", "partial_rotary_factor": prf,
+                                   "rope_theta": scalar(reader, path, k("rope.freq_base"), "float", 1_000_000.0)},
+            },
+            rms_norm_eps=scalar(reader, path, k("attention.layer_norm_rms_epsilon"), "float"),
+            final_logit_softcapping=softcap or None,
+            num_experts=scalar(reader, path, k("expert_count")),
+            top_k_experts=scalar(reader, path, k("expert_used_count")),
+            moe_intermediate_size=scalar(reader, path, k("expert_feed_forward_length")),
+            canvas_length=scalar(reader, path, "diffusion.canvas_length"),
+            max_position_embeddings=scalar(reader, path, k("context_length"), "int", 131_072),
+            pad_token_id=typed(reader, "tokenizer.ggml.padding_token_id", "int", 0),
+            bos_token_id=typed(reader, "tokenizer.ggml.bos_token_id", "int", 2),
+            eos_token_id=eos_ids(reader, eos),
+        )
+    except DgrunError as e:
+        raise DgrunError(f"{path}: {e}") from None
 
 
 def eos_ids(reader: GGUFFile, eos) -> list[int]:
     """EOS plus the end-of-turn token, as the released generation_config lists them ([<eos>, <turn|>])."""
     ids = [eos if eos is not None else 1]
     for key in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
-        if (v := field_value(reader, key)) is not None and v not in ids:
+        if (v := typed(reader, key, "int", None)) is not None and v not in ids:
             ids.append(v)
-    tokens = reader.get("tokenizer.ggml.tokens") or []
-    if "<turn|>" in tokens[:1024]:  # Gemma's control tokens sit at the start of the vocab
+    tokens = reader.get("tokenizer.ggml.tokens")
+    tokens = tokens[:1024] if isinstance(tokens, list) else []
+    if "<turn|>" in tokens:  # Gemma's control tokens sit at the start of the vocab
         tid = tokens.index("<turn|>")
         if tid not in ids:
             ids.append(tid)
@@ -161,17 +178,20 @@ def eos_ids(reader: GGUFFile, eos) -> list[int]:
 
 
 def sampler_defaults(reader: GGUFFile) -> dict:
+    """diffusion.eb_* -> dgrun's knobs (SAMPLER_KEYS), checked as SamplerConfig will check them."""
     out = {}
-    for key, knob in SAMPLER_KEYS.items():
-        value = field_value(reader, key)
-        if value is not None:
-            out[knob] = value
-    return out
+    for knob, _, key, kind in SAMPLER_KEYS:
+        if key is not None and key in reader.fields:
+            out[knob] = typed(reader, key, kind.__name__)
+    try:
+        return checks.sampler(out)
+    except DgrunError as e:
+        raise DgrunError(f"{reader.path}: sampler defaults (diffusion.eb_*): {e}") from None
 
 
 def check_type(t, path: Path) -> None:
-    if t.qtype not in SUPPORTED:
-        names = ", ".join(sorted(q.name for q in SUPPORTED))
+    if t.qtype not in GGUF_TYPES:
+        names = ", ".join(q.name for q in GGUF_TYPES)
         raise DgrunError(f"{path}: tensor {t.name} has type {t.qtype.name}, which dgrun does not support ({names})")
 
 
@@ -181,7 +201,7 @@ def tensor_value(t):
 
     if t.qtype == QT.BF16:
         return torch.from_numpy(t.data.view(np.int16)).view(torch.bfloat16)
-    if t.qtype in FLOAT_TYPES:
+    if t.qtype in GGUF_FLOAT:
         return torch.from_numpy(t.data)
     return QTensor(t.data, t.qtype, t.shape)
 
@@ -227,11 +247,9 @@ def read_gguf(path) -> tuple[GGUFFile, ModelArgs]:
     shapes = {}
     for t in reader.tensors:
         check_type(t, path)
-        if t.name in shapes:
-            raise DgrunError(f"{path}: tensor {t.name} appears twice")
         shapes[t.name] = SimpleNamespace(shape=t.shape)
-    if "token_embd.weight" not in shapes:
-        raise DgrunError(f"{path}: missing tensor token_embd.weight")
+    if "token_embd.weight" not in shapes or len(shapes["token_embd.weight"].shape) != 2:
+        raise DgrunError(f"{path}: missing tensor token_embd.weight (or it is not a matrix)")
     if "output.weight" in shapes:
         raise DgrunError(f"{path}: an untied output.weight is not a DiffusionGemma tensor")
     rope = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
@@ -240,7 +258,8 @@ def read_gguf(path) -> tuple[GGUFFile, ModelArgs]:
         rope = tensor_value(rope)
         rope = (rope.dequantize() if isinstance(rope, QTensor) else rope.float()).numpy()
     fuse_split_experts(shapes, path, _fuse_shapes)
-    args = model_args(reader, path, int(shapes["token_embd.weight"].shape[0]), rope)
+    vocab = checks.integer("token_embd.weight rows", shapes["token_embd.weight"].shape[0], 1, 1 << 22)
+    args = model_args(reader, path, vocab, rope)
     try:
         check_shapes(shapes, args)
     except DgrunError as e:
@@ -252,8 +271,9 @@ def read_gguf(path) -> tuple[GGUFFile, ModelArgs]:
     return reader, args
 
 
-def load_gguf(path) -> Checkpoint:
+def load(path) -> Checkpoint:
     reader, args = read_gguf(path)
     weights = {t.name: tensor_value(t) for t in reader.tensors if t.name != "rope_freqs.weight"}
     fuse_split_experts(weights, Path(path))
-    return Checkpoint(args, weights, sampler_defaults(reader), Path(path))
+    tok = tokenizer.from_gguf_or_none(reader, args.vocab_size)  # the same parse: the header is read once
+    return Checkpoint(args, weights, sampler_defaults(reader), Path(path), tok)

@@ -1,0 +1,1 @@
+"""Checkpoint readers, one module per format, each returning a `dgrun.checkpoint.Checkpoint`."""
