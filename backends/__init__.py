@@ -8,23 +8,12 @@ step, and reads a row's draft canvas back only when its block ends.
 from __future__ import annotations
 
 import platform
-from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
 
+from dgrun.backends.row import Row
 from dgrun.errors import DgrunError
 
 BACKENDS = ("cpu", "mlx")
-
-
-@dataclass(slots=True)
-class Row:
-    """A new block for one request: its cache slot, its knobs (a SamplerConfig: seed, schedule, bounds, step
-    limit) and its pins (infilling: a token id or -1 per canvas position)."""
-
-    slot: int
-    cfg: Any
-    block: int = 0
-    fixed: list[int] | None = None
 
 
 class Backend(Protocol):
@@ -90,6 +79,6 @@ def create(name: str, args, weights: dict, dtype: str | None = None) -> Backend:
 
         return MlxBackend(args, weights, dtype=dtype)
     from dgrun.backends.torch.model import TorchBackend
-    from dgrun.convert.affine import dequantizing
+    from dgrun.packed import dequantizing
 
     return TorchBackend(args, dequantizing(weights), dtype=dtype or "float32")  # MLX-affine weights as float

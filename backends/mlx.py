@@ -27,7 +27,7 @@ from dgrun.backends import mlx_sampler
 from dgrun.backends.mlx_cache import MlxSlotCache
 from dgrun.backends.mlx_sampler import MlxState
 from dgrun.backends.mlx_weights import DTYPES, QLinear, as_numpy, default_dtype, prepare
-from dgrun.convert.mlx_policy import policy_for
+from dgrun.backends.mlx_policy import policy_for
 from dgrun.errors import DgrunError
 from dgrun.models.diffusion_gemma import ModelArgs, rope_inv_freq
 

@@ -4,7 +4,7 @@ Float tensors become arrays in the compute dtype (quantized first when a policy 
 Packed weights are used as they are stored:
 - MLX affine (`AffineTensor`, from MLX directories): the words as they are, scales/biases in the compute dtype;
 - GGUF Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K: rewritten exactly as MLX affine groups of 32
-  (convert/ggml_affine.py; exact while scales are float32, see `exact_note`);
+  (backends/mlx_ggml.py; exact while scales are float32, see `exact_note`);
 - GGUF Q6_K: 16-value sub-blocks fit no MLX group size, so it is dequantized and requantized to 8-bit groups
   of 32 (about 9 bits per weight with bf16 scales instead of 6.56; the added error is ~1/4 of Q6_K's own).
 """
@@ -17,10 +17,10 @@ import mlx.core as mx
 import numpy as np
 import torch
 
-from dgrun.convert.affine import AffineTensor, pack
-from dgrun.convert.ggml_affine import ggml_to_affine
-from dgrun.convert.mlx_policy import MATRIX, Policy
-from dgrun.qtensor import QTensor
+from dgrun.packed import AffineTensor, pack
+from dgrun.backends.mlx_ggml import ggml_to_affine
+from dgrun.backends.mlx_policy import MATRIX, Policy
+from dgrun.packed import QTensor
 
 DTYPES = {"float32": mx.float32, "fp32": mx.float32, "bfloat16": mx.bfloat16, "bf16": mx.bfloat16,
           "float16": mx.float16, "fp16": mx.float16}

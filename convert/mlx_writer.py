@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from dgrun.convert.mlx_policy import Policy, policy_for
+from dgrun.backends.mlx_policy import Policy, policy_for
 from dgrun.convert.mlx_source import Source, open_source
 from dgrun.errors import DgrunError
 from dgrun.formats.mlx import mlx_name, module_path

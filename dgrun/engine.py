@@ -12,12 +12,13 @@ import time
 from collections import deque
 
 from dgrun.errors import DgrunError
-from dgrun.generate import Prefill, Request
 
 PREFILL_CHUNK = 512  # prompt tokens encoded per engine step and request
 
 
 class Engine:
+    """Steps dgrun.generate.Request objects (the engine only calls their methods: it imports none of them)."""
+
     def __init__(self, backend, cache):
         self.backend, self.cache = backend, cache
         self.free = list(range(cache.slots))
@@ -88,7 +89,7 @@ class Engine:
             req.stats.prefill_seconds += time.perf_counter() - t0
             req.prefilled += len(chunk)
             if len(req.prompt) > PREFILL_CHUNK:
-                events.append((req, Prefill(req.prefilled, len(req.prompt), req.index)))
+                events.append((req, req.prefill_event()))
             if req.prefilled == len(req.prompt):
                 self.prefilling.remove(req)
                 started.append(req)

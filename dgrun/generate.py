@@ -138,9 +138,12 @@ class Request:
         self.t0 = time.perf_counter()
 
     def row(self):
-        from dgrun.backends import Row
+        from dgrun.backends.row import Row
 
         return Row(self.slot, self.cfg, self.block, self.fixed if self.block == 0 else None)
+
+    def prefill_event(self) -> Prefill:
+        return Prefill(self.prefilled, len(self.prompt), self.index)
 
     def draft(self, canvas, backend) -> Draft:
         self.steps += 1

@@ -96,10 +96,11 @@ def closure(edges, roots, skip=()):
 
 
 def test_runtime_does_not_import_convert():
-    """Loading and generating (everything `dgrun.load` and the chat loop reach) never imports dgrun.convert.
-    backends/ is left out: issue 10 rewrites it; it still takes AffineTensor, ggml_affine and mlx_policy from
-    convert/ (AffineTensor now lives in dgrun.packed, re-exported by convert/affine.py until then)."""
+    """Loading and generating (everything `dgrun.load`, the backends and the chat loop reach) never imports
+    dgrun.convert."""
     edges = graph()
-    runtime = closure(edges, ["dgrun", "dgrun.api", "dgrun.chat", "dgrun.info"], skip=("dgrun.backends",))
-    assert {"dgrun.checkpoint", "dgrun.formats.gguf", "dgrun.formats.mlx", "dgrun.tokenizer"} <= runtime
+    runtime = closure(edges, ["dgrun", "dgrun.api", "dgrun.chat", "dgrun.info", "dgrun.backends.mlx",
+                              "dgrun.backends.torch.model"])
+    assert {"dgrun.checkpoint", "dgrun.formats.gguf", "dgrun.formats.mlx", "dgrun.tokenizer",
+            "dgrun.backends.mlx_weights", "dgrun.backends.torch.ops_cpu"} <= runtime
     assert sorted(m for m in runtime if m.startswith("dgrun.convert")) == []

@@ -18,7 +18,7 @@ import dgrun  # noqa: E402
 from dgrun.backends.mlx import MlxBackend  # noqa: E402
 from dgrun.backends.mlx_weights import QLinear  # noqa: E402
 from dgrun.packed import BITS, AffineTensor, pack, unpack  # noqa: E402
-from dgrun.convert.ggml_affine import EXACT_BITS, ggml_to_affine  # noqa: E402
+from dgrun.backends.mlx_ggml import EXACT_BITS, ggml_to_affine  # noqa: E402
 
 FP32_TOL = 1e-4
 

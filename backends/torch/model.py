@@ -17,7 +17,7 @@ from dgrun.backends.torch.cache import SlotCache
 from dgrun.backends.torch.ops_cpu import gelu, rms_norm
 from dgrun.errors import DgrunError
 from dgrun.models.diffusion_gemma import ModelArgs, rope_inv_freq
-from dgrun.qtensor import QTensor
+from dgrun.packed import QTensor
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "fp32": torch.float32}
 OPS = {"cpu": ops_cpu.OPS}

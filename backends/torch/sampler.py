@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
-from dgrun.backends import Row
+from dgrun.backends.row import Row
 from dgrun.backends.torch import rng
 
 
