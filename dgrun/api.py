@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+import random
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
 from dgrun import checkpoint, tokenizer
-from dgrun.backends import create
+from dgrun.backends import create, pick
 from dgrun.errors import DgrunError
 from dgrun.generate import Block, Draft, SamplerConfig, Stats, stream
+
+
+GREEDY_T = 1e-30  # temperature 0 means argmax draws; the backends divide by it, so 0 stands for this
+MAX_SEED = 2**63 - 1
 
 
 @dataclass
@@ -44,10 +50,40 @@ class Model:
         """Yield a `Draft` per denoising step (its `.ids` is the argmax canvas), a `Block` per committed
         block, and the final `Stats`. `cache` (from `new_cache()`) keeps earlier context. `stop_ids` end
         generation like EOS (e.g. end-of-turn); `trim_repeats` drops a block that repeats the previous one."""
-        cfg = self.defaults.update(**knobs)
+        cfg = self.config(**knobs)
         eos = list(self.args.eos_token_id) + [int(t) for t in stop_ids]
-        yield from stream(self.backend, self._prompt_ids(prompt), cfg, eos, self.args.pad_token_id, cache,
-                          trim_repeats)
+        yield from self._texts(stream(self.backend, self._prompt_ids(prompt), cfg, eos, self.args.pad_token_id,
+                                      cache, trim_repeats), cfg)
+
+    def config(self, **knobs) -> SamplerConfig:
+        """The checkpoint's defaults with `knobs` applied: seed -1 draws a random seed, t_max = t_min = 0 is
+        greedy (argmax draws)."""
+        cfg = self.defaults.update(**knobs)
+        if cfg.seed == -1:
+            cfg = replace(cfg, seed=random.SystemRandom().randrange(2**31))
+        elif not 0 <= cfg.seed <= MAX_SEED:
+            raise DgrunError(f"seed must be -1 (random) or between 0 and {MAX_SEED}, got {cfg.seed}")
+        return replace(cfg, t_min=GREEDY_T, t_max=GREEDY_T) if cfg.t_max == 0 else cfg
+
+    def _texts(self, events, cfg: SamplerConfig):
+        """Give each Block its text, decoded incrementally: a character split across blocks waits for its
+        last byte. Fill the Stats' seed, stop reason and unconverged blocks."""
+        ids, shown, blocks = [], "", []
+        for event in events:
+            if isinstance(event, Block):
+                blocks.append(event)
+                ids += event.ids
+                text = self.decode(ids).rstrip("\ufffd")
+                common = len(os.path.commonprefix([shown, text]))  # normally all of `shown`
+                event.text, shown = text[common:], text
+            elif isinstance(event, Stats):
+                event.seed = cfg.seed
+                last = blocks[-1] if blocks else None
+                event.stop_reason = event.stop_reason or (
+                    "repeat" if last and last.repeated else "eos" if last and last.eos else "length")
+                event.unconverged = event.unconverged or [b.index for b in blocks
+                                                          if not b.converged and not b.repeated]
+            yield event
 
     def generate(self, prompt, cache=None, stop_ids=(), trim_repeats: bool = False, **knobs) -> Result:
         """Text (when a tokenizer is present) and ids, cut at EOS and max_new_tokens, plus stats."""
@@ -72,16 +108,19 @@ class Model:
             raise DgrunError(f"the gap must be between 1 and {canvas - 1} tokens (the canvas is {canvas})")
         pinned = [int(t) for t in tail[: canvas - gap]]
         fixed = [-1] * gap + pinned + [-1] * (canvas - gap - len(pinned))  # past a short suffix: free, dropped
-        cfg = self.defaults.update(**knobs).update(max_new_tokens=gap)
-        result = self._result(stream(self.backend, head, cfg, self.args.eos_token_id, self.args.pad_token_id,
-                                     fixed=fixed))
+        cfg = self.config(**knobs)
+        cfg = cfg.update(max_new_tokens=min(gap, knobs["max_new_tokens"]) if knobs.get("max_new_tokens") else gap)
+        result = self._result(self._texts(stream(self.backend, head, cfg, self.args.eos_token_id,
+                                                 self.args.pad_token_id, fixed=fixed), cfg))
         result.stats.tokens_per_forward = len(result.ids) / result.stats.steps_per_block[0]  # the gap's tokens only
         return result
 
     def decode(self, ids: list[int]) -> str:
-        """Text of `ids`; <pad> (which the model writes after the end of a text) is never text."""
+        """Text of `ids`, without special tokens; <pad> (which the model writes after the end of a text) is
+        never text."""
         pad = self.args.pad_token_id
-        return self.tokenizer.decode([t for t in ids if t != pad]) if self.tokenizer is not None else ""
+        return self.tokenizer.decode([t for t in ids if t != pad], skip_special_tokens=True) \
+            if self.tokenizer is not None else ""
 
     # --- low level, for parity tests and scripts ----------------------------------------------
 
@@ -99,16 +138,20 @@ class Model:
         return self.backend.denoise(canvas_ids, cache, self_cond_logits)
 
 
-def load(path=None, backend: str = "auto", dtype: str | None = None) -> Model:
+def load(path=None, backend: str = "auto", dtype: str | None = None, threads: int | None = None) -> Model:
     """Load an HF checkpoint directory or a GGUF file (its tokenizer comes from the file), a hub repo
     id `user/repo[:QUANT]`, or with no path the embedded default model (models/tiny-stdlib.md).
     backend: "auto" | "cpu" | "mlx"; dtype: "float32" | "bfloat16" (mlx also "float16", "q4", "q8":
-    quantize at load)."""
+    quantize at load); threads: CPU threads (default: 1 for a small model, else the physical cores)."""
     from dgrun import hub
     from dgrun.models import DEFAULT_MODEL
+    from dgrun.models.diffusion_gemma import n_params
+    from dgrun.threads import set_threads
 
     path = DEFAULT_MODEL if path is None else path
     if hub.is_repo_id(str(path)):
         path = hub.resolve(str(path))
     ckpt = checkpoint.load(path)
+    if pick(backend) == "cpu":
+        set_threads(threads, n_params(ckpt.args))
     return Model(ckpt, backend, dtype, tokenizer.find(Path(path).expanduser()))

@@ -7,11 +7,10 @@ An HF directory is globbed into one flat dict with `safe_open` and renamed by `s
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dgrun.errors import DgrunError
+from dgrun.errors import DgrunError, notice
 from dgrun.models.diffusion_gemma import HF_DROP, HF_VISION, ModelArgs, expected_shapes, hf_to_gguf_name
 
 
@@ -69,7 +68,7 @@ def sanitize(weights: dict, args: ModelArgs) -> dict:
             continue
         out[new] = tensor
     if vision:
-        print("dgrun: skipping the vision tower: image input is not supported yet", file=sys.stderr)
+        notice("skipping the vision tower: image input is not supported yet")
     check_shapes(out, args)
     return out
 

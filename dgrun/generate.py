@@ -34,7 +34,7 @@ class SamplerConfig:
         checks = [
             (isinstance(self.steps, int) and self.steps > 0, "steps must be a positive integer"),
             (self.t_min >= 0, "t_min must be >= 0"),
-            (self.t_max > self.t_min, "t_max must be greater than t_min"),
+            (self.t_max >= self.t_min, "t_max must be >= 0" if self.t_max < 0 else "t_max must be >= t_min"),
             (self.entropy_bound > 0, "entropy_bound must be > 0"),
             (isinstance(self.stability_threshold, int) and self.stability_threshold >= 0,
              "stability_threshold must be an integer >= 0"),
@@ -85,6 +85,7 @@ class Block:
     converged: bool  # stopped by the stable-and-confident rule rather than by running out of steps
     eos: bool
     repeated: bool = False  # the block equalled the previous one and was dropped (trim_repeats)
+    text: str = ""  # the block's text, decoded incrementally by Model.stream (api.py)
 
 
 @dataclass
@@ -96,6 +97,9 @@ class Stats:
     seconds: float = 0.0
     prefill_seconds: float = 0.0
     tokens_per_forward: float = 0.0  # generated non-pad tokens / decoder passes, as the reference defines it
+    stop_reason: str = ""  # "eos", "length", "repeat" or "interrupted"
+    unconverged: list[int] = field(default_factory=list)  # blocks that hit the step limit
+    seed: int = 0  # the seed used (a random one when -1 was asked)
 
     @property
     def avg_steps(self) -> float:

@@ -9,12 +9,11 @@ flat dict (GGUF names): float tensors as torch, quantized ones as `AffineTensor`
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 
 from dgrun.checkpoint import Checkpoint, check_shapes, read_generation_config, read_json
 from dgrun.convert.affine import AffineTensor, check_params
-from dgrun.errors import DgrunError
+from dgrun.errors import DgrunError, notice
 from dgrun.models.diffusion_gemma import HF_TO_GGUF, HF_VISION, ModelArgs, expected_shapes, hf_to_gguf_name
 
 QUANT_PARTS = (".scales", ".biases")
@@ -131,7 +130,7 @@ def load_mlx_dir(path: Path) -> Checkpoint:
         packed = module_path(name) + ".scales" in raw and not tensor.dtype.is_floating_point
         weights[flat] = _affine(name, raw, quant, shapes[flat][-1], path) if packed else tensor
     if vision:
-        print("dgrun: skipping the vision tower: image input is not supported yet", file=sys.stderr)
+        notice("skipping the vision tower: image input is not supported yet")
     try:
         check_shapes(weights, args)
     except DgrunError as e:

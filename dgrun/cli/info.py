@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -31,9 +31,10 @@ def render(d: dict) -> str:
     return "\n".join(lines)
 
 
-@app.command(epilog="Example: dgrun info model-Q4_K_M.gguf")
+@app.command(epilog="Examples: dgrun info model-Q4_K_M.gguf · dgrun info (the embedded model)")
 def info(
-    model: Annotated[str, typer.Argument(help="A .gguf file or an HF checkpoint directory.")],
+    model: Annotated[Optional[str], typer.Argument(
+        metavar="[MODEL]", help="A .gguf file, an HF or MLX checkpoint directory [the embedded tiny model].")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead.")] = False,
 ):
     """Show architecture, parameters, canvas length, tensor types and sizes, metadata and sampler defaults."""
