@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dgrun.cli.output import plural
 from dgrun.errors import DgrunError
 
 HELP = """commands:
@@ -37,9 +38,9 @@ def stats_lines(chat) -> list[str]:
                      + ("; cache rebuilt" if t.rebuilt else ""))
         if t.gen is not None:
             g = t.gen
-            lines.append(f"answer: {len(g.ids)} tokens, {g.blocks} blocks, steps/block {g.avg_steps:.1f}, "
+            lines.append(f"answer: {plural(len(g.ids), 'token')}, {plural(g.blocks, 'block')}, steps/block {g.avg_steps:.1f}, "
                          f"tokens/forward {g.tokens_per_forward:.2f}, {g.tokens_per_second:.1f} tok/s")
-    lines.append(f"session: {tot['turns']} turns, encoded {tot['encoded_prompt_tokens']} prompt tokens instead of "
+    lines.append(f"session: {plural(tot['turns'], 'turn')}, encoded {tot['encoded_prompt_tokens']} prompt tokens instead of "
                  f"{tot['stateless_prompt_tokens']} ({tot['saved']:.0%} reused from the cache)")
     return lines
 

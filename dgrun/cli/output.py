@@ -20,7 +20,7 @@ def stats_line(s) -> str:
     """llama.cpp's split: prompt evaluation apart from generation."""
     gen_seconds = max(s.seconds - s.prefill_seconds, 1e-9)
     prompt_rate = s.prompt_tokens / s.prefill_seconds if s.prefill_seconds else 0.0
-    return (f"{plural(s.blocks, 'block')} | steps/block {s.avg_steps:.1f} | tokens/forward "
+    return (f"blocks {s.blocks} | steps/block {s.avg_steps:.1f} | tokens/forward "
             f"{s.tokens_per_forward:.2f} | prompt {s.prompt_tokens} tok in {s.prefill_seconds * 1000:.1f} ms "
             f"({prompt_rate:.1f} tok/s) | generated {len(s.ids)} tok in {gen_seconds:.2f} s "
             f"({len(s.ids) / gen_seconds:.1f} tok/s) | seed {s.seed}")

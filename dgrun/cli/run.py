@@ -44,7 +44,7 @@ def read_prompt(prompt: str | None, file: str | None, ids: str | None) -> str | 
     if prompt == "-" or (prompt is None and not sys.stdin.isatty()):
         text = sys.stdin.read()
         if not text.strip():
-            raise DgrunError("the prompt read from stdin is empty")
+            raise DgrunError("no prompt: give -p/--prompt TEXT, -f FILE or --ids (stdin was empty)")
         return text
     if prompt is None:
         raise DgrunError("give a prompt: -p TEXT, -p - or -f FILE (or pipe it on stdin), or --ids")
