@@ -18,17 +18,18 @@ TYPE_HELP = "GLOB=TYPE, e.g. 'blk.*.ffn_down_exps.weight=q8_0' (repeatable; the 
 
 @app.command(epilog="Example: dgrun convert ./ckpt --to gguf-q4 -o model-Q4_K_M.gguf")
 def convert(
-    src: Annotated[str, typer.Argument(help="HF checkpoint directory, or a GGUF to requantize.")],
+    src: Annotated[str, typer.Argument(metavar="SRC", hidden=True)],
     to: Annotated[str, typer.Option("--to", metavar="TYPE", help=TO_HELP)] = "gguf-q4",
-    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Output file [SRC-TYPE.gguf next to SRC].")] = None,
-    tensor_type: Annotated[Optional[list[str]], typer.Option("--tensor-type", help=TYPE_HELP)] = None,
+    out: Annotated[Optional[str], typer.Option("--out", "-o", metavar="OUT", help="Output file [SRC-TYPE.gguf next to SRC].")] = None,
+    tensor_type: Annotated[Optional[list[str]], typer.Option("--tensor-type", metavar="GLOB=TYPE", help=TYPE_HELP)] = None,
     force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite OUT if it exists.")] = False,
-    threads: Annotated[Optional[int], typer.Option("--threads", "-t", help="Worker threads [CPUs, at most 8].")] = None,
-    q_group_size: Annotated[Optional[int], typer.Option("--q-group-size", help="mlx-*: group size [64].")] = None,
-    q_bits: Annotated[Optional[int], typer.Option("--q-bits", help="mlx-*: bits of the experts [4 or 8].")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", "-t", metavar="N", help="Worker threads [CPUs, at most 8].")] = None,
+    q_group_size: Annotated[Optional[int], typer.Option("--q-group-size", metavar="N", help="mlx-*: group size [64].")] = None,
+    q_bits: Annotated[Optional[int], typer.Option("--q-bits", metavar="N", help="mlx-*: bits of the experts [4 or 8].")] = None,
     q_uniform: Annotated[bool, typer.Option("--q-uniform", help="mlx-q4: --q-bits everywhere, no 8-bit rest.")] = False,
 ):
-    """Convert a checkpoint to GGUF or to an MLX directory; the output appears only when complete."""
+    """Convert SRC (an HF checkpoint directory, or a GGUF to requantize) to GGUF or to an MLX directory; the
+    output appears only when complete."""
     from dgrun.convert.policy import target_name
 
     to = target_name(to)

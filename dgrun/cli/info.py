@@ -33,11 +33,11 @@ def render(d: dict) -> str:
 
 @app.command(epilog="Examples: dgrun info model-Q4_K_M.gguf · dgrun info (the embedded model)")
 def info(
-    model: Annotated[Optional[str], typer.Argument(
-        metavar="[MODEL]", help="A .gguf file, an HF or MLX checkpoint directory [the embedded tiny model].")] = None,
+    model: Annotated[Optional[str], typer.Argument(metavar="MODEL", hidden=True)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead.")] = False,
 ):
-    """Show architecture, parameters, canvas length, tensor types and sizes, metadata and sampler defaults."""
+    """Show what MODEL (a .gguf file, an HF or MLX checkpoint directory) [the embedded tiny model] holds:
+    architecture, parameters, canvas length, tensor types and sizes, metadata and sampler defaults."""
     from dgrun.info import info as describe
 
     d = describe(model)

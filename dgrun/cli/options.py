@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from dgrun.api import MAX_SEED
 from dgrun.errors import DgrunError
 
 Model = Annotated[Optional[str], typer.Option(
@@ -33,7 +34,7 @@ Stability = Annotated[Optional[int], typer.Option(
 Confidence = Annotated[Optional[float], typer.Option(
     "--confidence", metavar="C", help="confidence_threshold [model, else 0.005].")]
 Seed = Annotated[Optional[int], typer.Option(
-    "--seed", "-s", metavar="SEED", min=-1, max=2**63 - 1, help="Random seed; -1 picks one and prints it [0].")]
+    "--seed", "-s", metavar="SEED", min=-1, help="Random seed; -1 picks one and prints it [0].")]
 Threads = Annotated[Optional[int], typer.Option(
     "--threads", "-t", metavar="N", min=1, help="CPU threads [1 for a model under 100M parameters, else the "
                                                "physical cores].")]
@@ -63,6 +64,8 @@ def sampler_knobs(steps, t_max, t_min, entropy_bound, stability, confidence, see
         if t_max is not None or t_min is not None:
             raise DgrunError("give --temp or --t-max/--t-min, not both")
         t_max = t_min = temp
+    if seed is not None and seed > MAX_SEED:
+        raise DgrunError(f"--seed takes -1 (random) or 0 to {MAX_SEED}, got {seed}")
     knobs = dict(steps=steps, t_max=t_max, t_min=t_min, entropy_bound=entropy_bound, stability_threshold=stability,
                  confidence_threshold=confidence, seed=seed, **more)
     return {k: v for k, v in knobs.items() if v is not None}
