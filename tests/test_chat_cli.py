@@ -102,3 +102,22 @@ def test_bad_chat_flags(ckpt_chat, ckpt_b, tmp_path, capsys, monkeypatch):
     for argv, needle in cases:
         code, _, err = chat(capsys, monkeypatch, ["hi"], *argv)
         assert_one_line_error(code, err, needle)
+
+
+def test_padding_only_answer_is_explained(capsys, monkeypatch):
+    """Issue 13: the embedded model, -n 16, 8 steps, t_max 0.2, seed 2: the third answer is all <pad>."""
+    lines = ["write a function that adds two numbers", "sort a list", "hello", "/stats"]
+    code, out, err = chat(capsys, monkeypatch, lines, "-n", "16", "--steps", "8", "--t-max", "0.2", "-s", "2")
+    assert code == 0, err
+    assert err.count("the model wrote only padding") == 1
+    assert "session: 3 turns" in err and "1 turns" not in err and "1 blocks" not in err
+
+
+def test_set_temp_and_multiline_message(ckpt_chat, capsys, monkeypatch):
+    lines = ["/set temp 0.5", '"""def add(a, b):', "    return a + b", '"""', "/stats"]
+    code, out, err = chat(capsys, monkeypatch, lines, "-m", str(ckpt_chat), *FAST)
+    assert code == 0, err
+    assert "t_min = 0.5, t_max = 0.5" in err
+    assert "session: 1 turn," in err  # three lines, one message
+    code, _, err = chat(capsys, monkeypatch, ["/set temp -1"], "-m", str(ckpt_chat), *FAST)
+    assert "dgrun: error: t_min must be >= 0" in err

@@ -22,7 +22,7 @@ from dgrun.cli.options import (Backend, Confidence, Conversation, Dtype, Entropy
                                Visual, backend_name, model_path, sampler_knobs)
 from dgrun.cli.output import notices, printable
 from dgrun.errors import DgrunError
-from dgrun.generate import Block, Draft, SamplerConfig
+from dgrun.generate import Block, Draft
 
 EXAMPLE = """Examples:
 
@@ -216,7 +216,6 @@ def chat(
         raise DgrunError("chat is always a conversation: for one raw completion use dgrun run")
     knobs = sampler_knobs(steps, t_max, t_min, entropy_bound, stability, confidence, seed, temp,
                           max_new_tokens=1024 if n_predict is None else n_predict)
-    SamplerConfig().update(**knobs)  # reject bad values and files before the (slow) load
     override = choose(None, chat_template) if chat_template is not None else None
     m = dgrun.load(model_path(model, hf_repo), backend=backend_name(backend, n_gpu_layers), dtype=dtype,
                    threads=threads)

@@ -68,7 +68,11 @@ def sampler_knobs(steps, t_max, t_min, entropy_bound, stability, confidence, see
         raise DgrunError(f"--seed takes -1 (random) or 0 to {MAX_SEED}, got {seed}")
     knobs = dict(steps=steps, t_max=t_max, t_min=t_min, entropy_bound=entropy_bound, stability_threshold=stability,
                  confidence_threshold=confidence, seed=seed, **more)
-    return {k: v for k, v in knobs.items() if v is not None}
+    knobs = {k: v for k, v in knobs.items() if v is not None}
+    from dgrun.generate import SamplerConfig
+
+    SamplerConfig(t_min=0.0, t_max=float("inf")).update(**knobs)  # bad values fail before the (slow) load
+    return knobs
 
 
 def backend_name(backend: str, n_gpu_layers: int | None) -> str:

@@ -117,7 +117,6 @@ def run(
         raise DgrunError("--suffix fills a gap in raw text: it does not take the chat template")
     knobs = sampler_knobs(steps, t_max, t_min, entropy_bound, stability, confidence, seed, temp,
                           max_new_tokens=n_predict)
-    dgrun.generate.SamplerConfig().update(**knobs)  # reject bad values before the (slow) load
     m = dgrun.load(model_path(model, hf_repo), backend=backend_name(backend, n_gpu_layers), dtype=dtype,
                    threads=threads)
     if suffix is not None and m.tokenizer is None:
