@@ -153,3 +153,14 @@ def test_info_on_mlx_directory(ckpt_a, tmp_path, capsys):
     data = json.loads(capsys.readouterr().out)
     assert data["format"] == "mlx" and data["canvas_length"] == 16
     assert data["parameters"] == n_params(dgrun.load(ckpt_a).args)
+
+
+def test_info_counts_packed_u32_words(mlx_q4, capsys):
+    """Issue 13: U32 (the packed 4-bit words) was missing from info's item sizes, so sizes came out 4x small."""
+    data = 0
+    for f in mlx_q4.glob("*.safetensors"):
+        header = int.from_bytes(f.read_bytes()[:8], "little")
+        data += f.stat().st_size - 8 - header
+    rc, out, _ = cli(capsys, "info", mlx_q4, "--json")
+    d = json.loads(out)
+    assert rc == 0 and "U32" in d["types"] and d["bytes"] == data
