@@ -19,17 +19,12 @@ from dgrun.errors import DgrunError
 
 EPILOG = """Examples:
 
-\b
-  dgrun run -p "def fib(n):"                 (the embedded tiny model)
-
-  dgrun chat                                 (ditto)
-
-  dgrun run -m ./my-checkpoint -p "def fib(n):" -n 64
-
+
+  dgrun run -p "def fib(n):"                   (the embedded tiny model)
+  dgrun chat                                   (ditto)
+  dgrun run -m ./my-checkpoint -p "def fib(n):" -n 64 -t 1
   dgrun run -m model.gguf --ids "2,651,1378" --steps 16 --json
-
-  dgrun convert ./my-checkpoint --to gguf-q4
-
+  dgrun convert ./my-checkpoint --to Q4_K_M
   dgrun info model-Q4_K_M.gguf
 """
 

@@ -26,10 +26,9 @@ from dgrun.generate import Block, Draft
 
 EXAMPLE = """Examples:
 
+
   dgrun chat -m ./ckpt -sys "You are terse."
-
   dgrun chat -hf user/DiffusionGemma-GGUF:Q4_K_M --visual
-
   echo "What is 2+2?" | dgrun chat -m model.gguf
 """
 
@@ -183,7 +182,7 @@ Trim = Annotated[bool, typer.Option("--trim-repeats/--no-trim-repeats",
                                     help="Drop a block that repeats the previous one.")]
 
 
-@app.command(epilog=EXAMPLE)
+@app.command(epilog=EXAMPLE, short_help="Chat; the conversation stays in the KV cache.")
 def chat(
     model: Model = None,
     hf_repo: HfRepo = None,

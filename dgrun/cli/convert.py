@@ -16,7 +16,8 @@ TO_HELP = ("gguf-bf16 (BF16) | gguf-f16 (F16) | gguf-q8 (Q8_0) | gguf-q6 (Q6_K) 
 TYPE_HELP = "GLOB=TYPE, e.g. 'blk.*.ffn_down_exps.weight=q8_0' (repeatable; the first match wins)."
 
 
-@app.command(epilog="Example: dgrun convert ./ckpt --to gguf-q4 -o model-Q4_K_M.gguf")
+@app.command(epilog="Example: dgrun convert ./ckpt --to Q4_K_M -o model-Q4_K_M.gguf",
+             short_help="Convert a checkpoint to GGUF or MLX.")
 def convert(
     src: Annotated[str, typer.Argument(metavar="SRC", hidden=True)],
     to: Annotated[str, typer.Option("--to", metavar="TYPE", help=TO_HELP)] = "gguf-q4",

@@ -31,7 +31,8 @@ def render(d: dict) -> str:
     return "\n".join(lines)
 
 
-@app.command(epilog="Examples: dgrun info model-Q4_K_M.gguf · dgrun info (the embedded model)")
+@app.command(epilog="Examples: dgrun info model-Q4_K_M.gguf · dgrun info (the embedded model)",
+             short_help="What a checkpoint holds (headers only).")
 def info(
     model: Annotated[Optional[str], typer.Argument(metavar="MODEL", hidden=True)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead.")] = False,

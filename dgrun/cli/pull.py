@@ -11,7 +11,8 @@ from dgrun.cli import app
 from dgrun.errors import DgrunError
 
 
-@app.command(epilog="Examples: dgrun pull user/DiffusionGemma-GGUF:Q8_0 · dgrun pull google/diffusiongemma")
+@app.command(epilog="Examples: dgrun pull user/DiffusionGemma-GGUF:Q8_0 · dgrun pull google/diffusiongemma",
+             short_help="Download a model from the hub.")
 def pull(
     repo: Annotated[str, typer.Argument(metavar="REPO", hidden=True)],
 ):

@@ -69,7 +69,7 @@ EXAMPLES = """Examples:
   dgrun run -p "def area(r):" --suffix "    return result" --gap 12   (fill the gap)"""
 
 
-@app.command(epilog=EXAMPLES)
+@app.command(epilog=EXAMPLES, short_help="Generate from a prompt (or fill a gap).")
 def run(
     model: Model = None,
     hf_repo: HfRepo = None,
