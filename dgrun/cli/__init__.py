@@ -8,7 +8,11 @@ import re
 import sys
 from typing import Annotated, Optional
 
-import typer
+# OpenMP threads that spin while waiting collapse when another process holds a core (README, *Threads*): 2 threads
+# ran at 1-13 tok/s spinning, 34-42 tok/s sleeping. Set before torch loads libgomp.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import typer  # noqa: E402
 
 try:  # typer >= 0.20 vendors click
     from typer._click import exceptions as cx
@@ -19,7 +23,7 @@ from dgrun.errors import DgrunError
 
 EPILOG = """Examples:
 
-
+\b
   dgrun run -p "def fib(n):"                   (the embedded tiny model)
   dgrun chat                                   (ditto)
   dgrun run -m ./my-checkpoint -p "def fib(n):" -n 64 -t 1

@@ -26,7 +26,7 @@ from dgrun.generate import Block, Draft
 
 EXAMPLE = """Examples:
 
-
+\b
   dgrun chat -m ./ckpt -sys "You are terse."
   dgrun chat -hf user/DiffusionGemma-GGUF:Q4_K_M --visual
   echo "What is 2+2?" | dgrun chat -m model.gguf
