@@ -67,6 +67,8 @@ def test_ngl_fa_and_unsupported_llama_flags(ckpt_a, capsys):
     assert_one_line_error(code, err, "no such option: -xyz")
     code, _, err = cli(capsys, "run", "-m", ckpt_a, "-p", "x", "--backend", "cuda")
     assert_one_line_error(code, err, "not built yet")
+    code, _, err = cli(capsys, "run", "-hf", "not a repo", "-p", "x")
+    assert_one_line_error(code, err, "-hf takes user/repo")
 
 
 # --- prompt inputs ------------------------------------------------------------------------------------------

@@ -51,7 +51,7 @@ Dtype = Annotated[Optional[str], typer.Option(
                                  "at load).")]
 System = Annotated[Optional[str], typer.Option("--system", "-sys", metavar="TEXT", help="System prompt.")]
 Template = Annotated[Optional[str], typer.Option(
-    "--chat-template", metavar="FILE", help="Jinja chat template file (overrides the model's).")]
+    "--chat-template", "--chat-template-file", metavar="FILE", help="Jinja chat template file (overrides the model's).")]
 Conversation = Annotated[Optional[bool], typer.Option(
     "--chat/--no-chat-template", "-cnv/-no-cnv", help="Apply the chat template to the prompt, or not (raw "
     "completion) [run: only with -sys/--chat-template; chat: always].", show_default=False)]
