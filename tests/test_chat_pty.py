@@ -99,5 +99,6 @@ def test_multiline_message_is_one_turn(ckpt_chat):
     child.sendline("/stats")
     child.expect(r"session: (\d+) turns?,")
     assert child.match.group(1) == "1"
+    child.expect(PROMPT)
     child.sendeof()
     child.expect(pexpect.EOF)

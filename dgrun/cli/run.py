@@ -137,7 +137,7 @@ def run(
         events = [Block(0, r.ids, r.stats.steps_per_block[0], not r.stats.unconverged, False, text=r.text), r.stats]
     else:
         events = m.stream(source, stop_ids=stop_ids, **knobs)
-    write(m, events, m.config(**knobs).steps, as_json, visual, strip=templated)
+    write(m, events, m.defaults.update(**knobs).steps, as_json, visual, strip=templated)
 
 
 def write(m, events, steps: int, as_json: bool, visual: bool, strip: bool) -> None:
@@ -158,7 +158,8 @@ def write(m, events, steps: int, as_json: bool, visual: bool, strip: bool) -> No
                 if isinstance(event, Draft) and view is not None:
                     view.draft(event.block, event.step, event.ids)
                 elif isinstance(event, Block):
-                    ids, blocks = ids + event.ids, blocks + 1
+                    ids += event.ids
+                    blocks += 1
                     piece = event.text.lstrip() if strip and not text else event.text
                     text += piece
                     if view is not None:
