@@ -56,6 +56,8 @@ def pick(name: str) -> str:
     """Resolve "auto" to a backend name."""
     if name == "auto":
         return "mlx" if _mlx_default() else "cpu"  # the cuda backend arrives with its own issue
+    if name == "cuda":
+        raise DgrunError("the cuda backend is not built yet (available: cpu, mlx)")
     if name not in BACKENDS:
         raise DgrunError(f"unknown backend {name!r} (available on {platform.machine()}: {', '.join(BACKENDS)})")
     return name

@@ -1,7 +1,7 @@
 """Which GGUF type each tensor gets, for each `dgrun convert --to` target.
 
 The rules are llama.cpp's: convert_hf_to_gguf.py for the float and Q8_0 files, llama-quantize's Q4_K_M mix
-(src/llama-quant.cpp) for gguf-q4, including its shape fallbacks. Pure functions over names and shapes.
+(src/llama-quant.cpp) for gguf-q4/q5/q6, including its shape fallbacks. Pure functions over names and shapes.
 """
 
 from __future__ import annotations
@@ -28,7 +28,22 @@ TARGETS = {
     "gguf-f16": Target("F16", QT.F16, 1),
     "gguf-q8": Target("Q8_0", QT.Q8_0, 7),
     "gguf-q4": Target("Q4_K_M", QT.Q4_K, 15),
+    "gguf-q5": Target("Q5_K_M", QT.Q5_K, 17),
+    "gguf-q6": Target("Q6_K", QT.Q6_K, 18),
 }
+# `--to` also takes llama.cpp's type names, in any case: Q8_0, Q4_K_M, Q5_K_M, Q6_K, BF16, F16.
+ALIASES = {t.label.lower(): name for name, t in TARGETS.items()}
+
+
+def target_name(to: str) -> str:
+    """A `--to` value as dgrun's target name; unknown ones get the whole list, MLX targets included."""
+    from dgrun.convert.mlx_policy import TARGETS as MLX_TARGETS
+
+    name = ALIASES.get(to.lower(), to.lower())
+    if name not in TARGETS and name not in MLX_TARGETS:
+        raise DgrunError(f"unknown --to {to!r} (choose from {', '.join([*TARGETS, *MLX_TARGETS])}, or a llama.cpp "
+                         f"type: {', '.join(t.label for t in TARGETS.values())})")
+    return name
 
 # Types a --tensor-type override may name (the ones dgrun can write).
 OVERRIDE_TYPES = {t.name.lower(): t for t in GGUF_TYPES}
@@ -38,8 +53,9 @@ K_FALLBACK = {QT.Q4_K: QT.Q5_0, QT.Q5_K: QT.Q5_1, QT.Q6_K: QT.Q8_0}
 
 
 def target(name: str) -> Target:
+    name = target_name(name)
     if name not in TARGETS:
-        raise DgrunError(f"unknown --to {name!r} (choose from {', '.join(TARGETS)})")
+        raise DgrunError(f"--to {name} writes an MLX directory: use convert_mlx")
     return TARGETS[name]
 
 
@@ -97,21 +113,22 @@ class MixInfo:
     attn_v_layers: tuple[int, ...]  # layers holding an attn_v, in order (llama-quantize counts them)
 
 
-def q4_k_m(name: str, ne0: int, info: MixInfo) -> QT:
-    """The Q4_K_M type before the shape fallback (llama_tensor_get_type_impl for LLAMA_FTYPE_MOSTLY_Q4_K_M)."""
-    cat, t = category(name), QT.Q4_K
+def k_mix(name: str, ne0: int, info: MixInfo, base: QT = QT.Q4_K) -> QT:
+    """The Q4_K_M / Q5_K_M / Q6_K type (base Q4_K / Q5_K / Q6_K) before the shape fallback
+    (llama_tensor_get_type_impl for LLAMA_FTYPE_MOSTLY_Q4_K_M, _Q5_K_M, _Q6_K)."""
+    cat, t = category(name), base
     if cat == "token_embd":  # embeddings are tied, so they get the output tensor's treatment
         t = QT.Q8_0 if ne0 % 256 else QT.Q6_K
     elif cat == "attn_v":
         i = info.attn_v_layers.index(layer_of(name))
-        t = QT.Q6_K if use_more_bits(i, len(info.attn_v_layers)) else QT.Q4_K
+        t = QT.Q6_K if use_more_bits(i, len(info.attn_v_layers)) else base
         if info.n_expert == 8:
             t = QT.Q8_0
     elif cat == "attn_k" and info.n_expert == 8:
         t = QT.Q8_0
     elif cat == "ffn_down" and use_more_bits(layer_of(name), info.n_layer):
         t = QT.Q6_K
-    elif cat == "attn_output" and info.n_expert == 8:
+    elif cat == "attn_output" and info.n_expert == 8 and base == QT.Q4_K:
         t = QT.Q5_K
     return t
 
@@ -137,6 +154,6 @@ def choose(name: str, shape: tuple[int, ...], source: QT | None, tgt: Target, in
         return QT.F32 if source is None else source  # llama-quantize leaves these as they are
     if (hit := override_for(name, overrides)) is not None:
         return fallback(hit[1], ne0)
-    if tgt.qtype == QT.Q4_K:
-        return fallback(q4_k_m(name, ne0, info), ne0)
+    if tgt.qtype in (QT.Q4_K, QT.Q5_K, QT.Q6_K):
+        return fallback(k_mix(name, ne0, info, tgt.qtype), ne0)
     return fallback(tgt.qtype, ne0)  # F16/BF16 always fit; Q8_0 falls back to F16 as the converter does

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+import random
+from dataclasses import dataclass, replace
 from typing import Iterator
 
 from dgrun import checkpoint, tokenizer
-from dgrun.backends import create
+from dgrun.backends import create, pick
 from dgrun.engine import Engine
 from dgrun.errors import DgrunError
 from dgrun.generate import Block, Draft, Prefill, Request, SamplerConfig, Stats, cache_need, stream
 from dgrun.models.diffusion_gemma import context_limit
+
+
+GREEDY_T = 1e-30  # temperature 0 means argmax draws; the backends divide by it, so 0 stands for this
+MAX_SEED = 2**63 - 1
 
 
 @dataclass
@@ -46,25 +52,56 @@ class Model:
         """Yield a `Draft` per denoising step (its `.ids` is the argmax canvas), a `Block` per committed
         block, and the final `Stats` (a `Prefill` per chunk of a long prompt). `cache` (from `new_cache()`)
         keeps earlier context. `stop_ids` end generation like EOS (e.g. end-of-turn); `trim_repeats` drops a
-        block that repeats the previous one.
+        block that repeats the previous one. Each Block carries its text, decoded incrementally.
         A list of prompts runs as one batch: every event carries its prompt's `prompt_index`, and each prompt
         ends with its own Stats. `seed` may then be a list, one per prompt."""
         if is_batch(prompt):
             yield from self._stream_batch(list(prompt), stop_ids, trim_repeats, knobs)
             return
-        cfg = self.defaults.update(**knobs)
+        cfg = self.config(**knobs)
         ids = self._prompt_ids(prompt)
         if cache is None:
             self._check_fits(len(ids))
             cache = self.backend.new_cache(1, max(1, min(self.ctx, cache_need(len(ids), cfg, self.args.canvas_length))))
-        yield from stream(self.backend, ids, cfg, self._eos(stop_ids), self.args.pad_token_id, cache, trim_repeats)
+        events = stream(self.backend, ids, cfg, self._eos(stop_ids), self.args.pad_token_id, cache, trim_repeats)
+        yield from self._texts(events, [cfg])
+
+    def config(self, **knobs) -> SamplerConfig:
+        """The checkpoint's defaults with `knobs` applied: seed -1 draws a random seed, t_max = t_min = 0 is
+        greedy (argmax draws)."""
+        cfg = self.defaults.update(**knobs)
+        if cfg.seed == -1:
+            cfg = replace(cfg, seed=random.SystemRandom().randrange(2**31))
+        elif not 0 <= cfg.seed <= MAX_SEED:
+            raise DgrunError(f"seed must be -1 (random) or between 0 and {MAX_SEED}, got {cfg.seed}")
+        return replace(cfg, t_min=GREEDY_T, t_max=GREEDY_T) if cfg.t_max == 0 else cfg
+
+    def _texts(self, events, cfgs: list[SamplerConfig]):
+        """Give each Block its text, decoded incrementally per prompt: a character split across blocks waits
+        for its last byte. Fill the Stats' seed."""
+        ids, shown, blocks = {}, {}, {}
+        for event in events:
+            i = event.prompt_index
+            if isinstance(event, Block):
+                blocks.setdefault(i, []).append(event)
+                ids[i] = ids.get(i, []) + event.ids
+                text = self.decode(ids[i]).rstrip("\ufffd")
+                common = len(os.path.commonprefix([shown.get(i, ""), text]))  # normally all of what was shown
+                event.text, shown[i] = text[common:], text
+            elif isinstance(event, Stats):
+                event.seed = cfgs[i].seed
+                mine = blocks.get(i, [])
+                last = mine[-1] if mine else None
+                event.stop_reason = event.stop_reason or (
+                    "repeat" if last and last.repeated else "eos" if last and last.eos else "length")
+            yield event
 
     def _stream_batch(self, prompts: list, stop_ids, trim_repeats: bool, knobs: dict):
         seeds = knobs.pop("seed", None)
         seeds = seeds if isinstance(seeds, (list, tuple)) else [seeds] * len(prompts)
         if len(seeds) != len(prompts):
             raise DgrunError(f"{len(seeds)} seeds for {len(prompts)} prompts")
-        cfgs = [self.defaults.update(**knobs, seed=s) for s in seeds]
+        cfgs = [self.config(**knobs, seed=s) for s in seeds]
         ids = [self._prompt_ids(p) for p in prompts]
         for x in ids:
             if not x:
@@ -76,12 +113,15 @@ class Model:
                 for i, (x, c) in enumerate(zip(ids, cfgs))]
         for req in reqs:
             engine.add(req)
-        try:
+        def events():
             while engine.busy:
                 for req, event in engine.step():
                     yield event
                     if isinstance(event, Block) and req.finished:
                         yield req.close()
+
+        try:
+            yield from self._texts(events(), cfgs)
         finally:
             for req in reqs:
                 engine.cancel(req)
@@ -121,16 +161,19 @@ class Model:
             raise DgrunError(f"the gap must be between 1 and {canvas - 1} tokens (the canvas is {canvas})")
         pinned = [int(t) for t in tail[: canvas - gap]]
         fixed = [-1] * gap + pinned + [-1] * (canvas - gap - len(pinned))  # past a short suffix: free, dropped
-        cfg = self.defaults.update(**knobs).update(max_new_tokens=gap)
-        result = self._result(stream(self.backend, head, cfg, self.args.eos_token_id, self.args.pad_token_id,
-                                     fixed=fixed))
+        cfg = self.config(**knobs)
+        cfg = cfg.update(max_new_tokens=min(gap, knobs["max_new_tokens"]) if knobs.get("max_new_tokens") else gap)
+        result = self._result(self._texts(stream(self.backend, head, cfg, self.args.eos_token_id,
+                                                 self.args.pad_token_id, fixed=fixed), [cfg]))
         result.stats.tokens_per_forward = len(result.ids) / result.stats.steps_per_block[0]  # the gap's tokens only
         return result
 
     def decode(self, ids: list[int]) -> str:
-        """Text of `ids`; <pad> (which the model writes after the end of a text) is never text."""
+        """Text of `ids`, without special tokens; <pad> (which the model writes after the end of a text) is
+        never text."""
         pad = self.args.pad_token_id
-        return self.tokenizer.decode([t for t in ids if t != pad]) if self.tokenizer is not None else ""
+        return self.tokenizer.decode([t for t in ids if t != pad], skip_special_tokens=True) \
+            if self.tokenizer is not None else ""
 
     # --- low level, for parity tests and scripts ----------------------------------------------
 
@@ -155,17 +198,22 @@ def is_batch(prompt) -> bool:
         isinstance(p, (str, list, tuple)) for p in prompt)
 
 
-def load(path=None, backend: str = "auto", dtype: str | None = None, ctx_size: int | None = None) -> Model:
+def load(path=None, backend: str = "auto", dtype: str | None = None, ctx_size: int | None = None,
+         threads: int | None = None) -> Model:
     """Load an HF checkpoint directory or a GGUF file (its tokenizer comes from the file), a hub repo
     id `user/repo[:QUANT]`, or with no path the embedded default model (models/tiny-stdlib.md).
     backend: "auto" | "cpu" | "mlx"; dtype: "float32" | "bfloat16" (mlx also "float16", "q4", "q8":
     quantize at load). ctx_size: tokens a cache slot holds (default: the model's context length, capped by
-    memory)."""
+    memory); threads: CPU threads (default: 1 for a small model, else the physical cores)."""
     from dgrun import hub
     from dgrun.models import DEFAULT_MODEL
+    from dgrun.models.diffusion_gemma import n_params
+    from dgrun.threads import set_threads
 
     path = DEFAULT_MODEL if path is None else path
     if hub.is_repo_id(str(path)):
         path = hub.resolve(str(path))
     ckpt = checkpoint.load(path)
+    if pick(backend) == "cpu":
+        set_threads(threads, n_params(ckpt.args))
     return Model(ckpt, backend, dtype, ckpt.tokenizer, ctx_size)

@@ -104,6 +104,11 @@ class Chat:
 
     # --- one turn -------------------------------------------------------------------------------
 
+    def prompt_ids(self, text: str) -> list[int]:
+        """The system prompt and one user turn, rendered up to the answer: what `dgrun run -sys` generates from,
+        with `stop_ids=chat.stop_ids`, without touching this chat's conversation or cache."""
+        return self._tokens(self.render(self.messages([{"role": "user", "content": text}]), True), True)
+
     def _prepare(self, text: str, st: TurnStats) -> list[int]:
         """The token ids to encode for this turn; rebuilds the cache when the history text changed."""
         full = self.render(self.messages([{"role": "user", "content": text}]), True)

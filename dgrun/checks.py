@@ -93,6 +93,6 @@ def sampler(knobs: dict) -> dict:
     for name in ("entropy_bound", "confidence_threshold"):
         if name in out:
             out[name] = real(name, out[name], 0.0, 1e6, above=True)
-    if "t_min" in out and "t_max" in out and not out["t_max"] > out["t_min"]:
-        raise DgrunError(f"t_max = {out['t_max']:g} must be greater than t_min = {out['t_min']:g}")
+    if "t_min" in out and "t_max" in out and not out["t_max"] >= out["t_min"]:  # equal: a constant temperature
+        raise DgrunError(f"t_max = {out['t_max']:g} must be >= t_min = {out['t_min']:g}")
     return out

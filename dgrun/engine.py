@@ -22,12 +22,12 @@ class Engine:
     def __init__(self, backend, cache):
         self.backend, self.cache = backend, cache
         self.free = list(range(cache.slots))
-        self.waiting: deque[Request] = deque()  # not yet holding a slot
-        self.prefilling: list[Request] = []
-        self.running: list[Request] = []  # in the order of the state's rows
+        self.waiting: deque = deque()  # not yet holding a slot
+        self.prefilling: list = []
+        self.running: list = []  # in the order of the state's rows
         self.state = None
 
-    def add(self, req: Request) -> None:
+    def add(self, req) -> None:
         """Queue a request; it is admitted when a slot is free. req.slot, when set, names a slot whose cached
         context the request continues."""
         need = len(req.prompt) + (0 if req.slot is None else self.cache.lengths[req.slot])
@@ -40,7 +40,7 @@ class Engine:
     def busy(self) -> bool:
         return bool(self.waiting or self.prefilling or self.running)
 
-    def cancel(self, req: Request) -> None:
+    def cancel(self, req) -> None:
         """Drop a request at once, wherever it is, and free its slot."""
         if req in self.waiting:
             self.waiting.remove(req)
@@ -96,7 +96,7 @@ class Engine:
         self._start(started)
         return events
 
-    def _start(self, reqs: list[Request]) -> None:
+    def _start(self, reqs: list) -> None:
         if not reqs:
             return
         new = self.backend.start([r.row() for r in reqs], self.cache)
@@ -107,7 +107,7 @@ class Engine:
         self.running = [self.running[i] for i in index]
         self.state = self.backend.take(self.state, index) if index else None
 
-    def _release(self, req: Request) -> None:
+    def _release(self, req) -> None:
         if req.slot is not None and not req.keep_slot and req.slot not in self.free:
             self.free.append(req.slot)
 

@@ -86,6 +86,7 @@ class Block:
     eos: bool
     repeated: bool = False  # the block equalled the previous one and was dropped (trim_repeats)
     prompt_index: int = 0
+    text: str = ""  # the block's text, decoded incrementally by Model.stream (api.py)
 
 
 @dataclass
@@ -100,6 +101,7 @@ class Stats:
     stop_reason: str = ""  # "eos", "length", "repeat", "context" (the cache is full) or "interrupted"
     unconverged: list[int] = field(default_factory=list)  # blocks that ran out of steps
     prompt_index: int = 0
+    seed: int = 0  # the seed used (a random one when -1 was asked)
 
     @property
     def avg_steps(self) -> float:

@@ -31,7 +31,9 @@ def parse(spec: str) -> tuple[str, str | None] | None:
 
 
 def is_repo_id(spec: str) -> bool:
-    return not Path(spec).expanduser().exists() and parse(spec) is not None
+    """Shaped like user/repo and not a local path; `models/foo` is a mistyped path when ./models exists."""
+    path = Path(spec).expanduser()
+    return not path.exists() and not path.parent.is_dir() and parse(spec) is not None
 
 
 def offline() -> bool:
@@ -121,7 +123,7 @@ def resolve(spec: str, quant: str | None = None, progress: bool | None = None, g
     if local.exists():
         return local
     parsed = parse(spec)
-    if parsed is None:
+    if parsed is None or not is_repo_id(spec):
         raise DgrunError(f"{spec}: no such file or directory (and not a hub repo id like user/repo)")
     repo, tag = parsed
     quant = quant or tag

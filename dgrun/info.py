@@ -8,7 +8,14 @@ from pathlib import Path
 from dgrun.errors import DgrunError
 from dgrun.models.diffusion_gemma import ARCH, ModelArgs, context_limit
 
-ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1}
+ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
+               "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def itemsize(dtype: str) -> int:
+    if dtype not in ST_ITEMSIZE:
+        raise DgrunError(f"unknown safetensors dtype {dtype}")
+    return ST_ITEMSIZE[dtype]
 
 
 def hyperparameters(args: ModelArgs) -> dict:
@@ -72,7 +79,7 @@ def _mlx(path: Path) -> dict:
     for ref in headers(safetensors_files(path)).values():
         row = types.setdefault(ref.dtype, {"tensors": 0, "bytes": 0})
         row["tensors"] += 1
-        row["bytes"] += math.prod(ref.shape) * ST_ITEMSIZE.get(ref.dtype, 1)
+        row["bytes"] += math.prod(ref.shape) * itemsize(ref.dtype)
         n += 1
     q = config.get("quantization") or {}
     q = q if isinstance(q, dict) else {}
@@ -94,7 +101,7 @@ def _hf(path: Path) -> dict:
         row = types.setdefault(ref.dtype, {"tensors": 0, "bytes": 0})
         n = math.prod(ref.shape)
         row["tensors"] += 1
-        row["bytes"] += n * ST_ITEMSIZE.get(ref.dtype, 1)
+        row["bytes"] += n * itemsize(ref.dtype)
         params += n
     meta = {"files": len(list(path.glob("*.safetensors"))),
             "tokenizer": "tokenizer.json" if (path / "tokenizer.json").is_file() else None}
@@ -109,9 +116,12 @@ def _summary(fmt, path, args, params, n_tensors, types, meta, defaults) -> dict:
             "hyperparameters": hyperparameters(args), "sampler_defaults": defaults}
 
 
-def info(model) -> dict:
-    """Architecture, parameter count, canvas length, tensors and bytes per type, key metadata, sampler defaults."""
-    path = Path(model).expanduser()
+def info(model=None) -> dict:
+    """Architecture, parameter count, canvas length, tensors and bytes per type, key metadata, sampler defaults.
+    With no model: the embedded one."""
+    from dgrun.models import DEFAULT_MODEL
+
+    path = Path(DEFAULT_MODEL if model is None else model).expanduser()
     if not path.exists():
         raise DgrunError(f"{path}: no such file or directory")
     if path.is_dir():

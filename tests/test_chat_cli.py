@@ -30,7 +30,7 @@ def stats(out: str) -> dict:
         if m := re.match(r"last turn: encoded (\d+) new tokens, reused (\d+) from the cache \(a stateless turn "
                          r"encodes (\d+)\)", line):
             got["new"], got["reused"], got["full"] = map(int, m.groups())
-        if m := re.match(r"session: (\d+) turns, encoded (\d+) prompt tokens instead of (\d+)", line):
+        if m := re.match(r"session: (\d+) turns?, encoded (\d+) prompt tokens instead of (\d+)", line):
             got["turns"], got["encoded"], got["stateless"] = map(int, m.groups())
     return got
 
@@ -39,12 +39,13 @@ def test_piped_lines_get_answers_and_stats(ckpt_chat, capsys, monkeypatch):
     code, out, err = chat(capsys, monkeypatch, ["hello world", "", "/stats", "what next?", "/stats", "/exit", "never"],
                           "-m", str(ckpt_chat), *FAST)
     assert code == 0, err
-    first, second = out.split("context:")[1:3]
+    assert "context:" not in out and "session:" not in out  # piped: stdout holds the answers, /stats goes to stderr
+    first, second = err.split("context:")[1:3]
     s1, s2 = stats("context:" + first), stats("context:" + second)
     assert s1["reused"] == 0 and s1["new"] == s1["full"] and s1["turns"] == 1
     assert s2["reused"] == s1["context"] and s2["new"] < s2["full"] and s2["turns"] == 2
     assert s2["encoded"] == s1["new"] + s2["new"] < s2["stateless"]
-    assert out.rstrip().splitlines()[-1].startswith("session: 2 turns")  # nothing after /exit
+    assert err.rstrip().splitlines()[-1].startswith("session: 2 turns")  # nothing after /exit
     assert "Traceback" not in err and "\x1b[" not in out  # plain text
 
 
@@ -53,11 +54,11 @@ def test_piped_set_clear_and_bad_commands(ckpt_chat, capsys, monkeypatch):
              "/save", "hi", "/clear", "/stats"]
     code, out, err = chat(capsys, monkeypatch, lines, "-m", str(ckpt_chat), *FAST)
     assert code == 0
-    assert "steps = 1" in out and "trim_repeats off" in out and "conversation cleared" in out
+    assert "steps = 1" in err and "trim_repeats off" in err and "conversation cleared" in err
     errors = [ln for ln in err.splitlines() if ln.startswith("dgrun: error:")]
     assert len(errors) == 5 and "bogus" in errors[0] and "integer" in errors[1] and "steps" in errors[2]
     assert "unknown command /nope" in errors[3] and "usage: /save FILE" in errors[4]
-    assert stats(out)["context"] == 0
+    assert stats(err)["context"] == 0
     assert "hit the 1-step limit without converging" in err  # steps=1 never meets the stop rule
 
 
@@ -65,9 +66,9 @@ def test_piped_save_and_load(ckpt_chat, capsys, monkeypatch, tmp_path):
     path = tmp_path / "conv.json"
     chat(capsys, monkeypatch, ["remember this", f"/save {path}"], "-m", str(ckpt_chat), *FAST)
     code, out, err = chat(capsys, monkeypatch, [f"/load {path}", "/stats"], "-m", str(ckpt_chat), *FAST)
-    assert code == 0 and re.search(r"loaded 2 messages from .* \((\d+) tokens encoded\)", out)
-    n = int(re.search(r"\((\d+) tokens encoded\)", out).group(1))
-    assert stats(out)["context"] == n > 0
+    assert code == 0 and re.search(r"loaded 2 messages from .* \((\d+) tokens encoded\)", err)
+    n = int(re.search(r"\((\d+) tokens encoded\)", err).group(1))
+    assert stats(err)["context"] == n > 0
 
 
 def test_gguf_alone_and_fallback_template(gguf_chat, ckpt_chat, tmp_path, capsys, monkeypatch):
@@ -76,7 +77,7 @@ def test_gguf_alone_and_fallback_template(gguf_chat, ckpt_chat, tmp_path, capsys
     shutil.copy(gguf_chat, lone)  # no tokenizer.json or template next to it: all from the file
     code, out, err = chat(capsys, monkeypatch, ["hello", "again", "/stats"], "-m", str(lone), *FAST)
     assert code == 0 and "no chat template" not in err
-    assert stats(out)["reused"] > 0
+    assert stats(err)["reused"] > 0
     no_template = tmp_path / "plain"
     shutil.copytree(ckpt_chat, no_template)
     (no_template / "chat_template.jinja").unlink()
@@ -101,3 +102,22 @@ def test_bad_chat_flags(ckpt_chat, ckpt_b, tmp_path, capsys, monkeypatch):
     for argv, needle in cases:
         code, _, err = chat(capsys, monkeypatch, ["hi"], *argv)
         assert_one_line_error(code, err, needle)
+
+
+def test_padding_only_answer_is_explained(capsys, monkeypatch):
+    """Issue 13: the embedded model, -n 16, 8 steps, t_max 0.2, seed 2: the third answer is all <pad>."""
+    lines = ["write a function that adds two numbers", "sort a list", "hello", "/stats"]
+    code, out, err = chat(capsys, monkeypatch, lines, "-n", "16", "--steps", "8", "--t-max", "0.2", "-s", "2")
+    assert code == 0, err
+    assert err.count("the model wrote only padding") == 1
+    assert "session: 3 turns" in err and "1 turns" not in err and "1 blocks" not in err
+
+
+def test_set_temp_and_multiline_message(ckpt_chat, capsys, monkeypatch):
+    lines = ["/set temp 0.5", '"""def add(a, b):', "    return a + b", '"""', "/stats"]
+    code, out, err = chat(capsys, monkeypatch, lines, "-m", str(ckpt_chat), *FAST)
+    assert code == 0, err
+    assert "t_min = 0.5, t_max = 0.5" in err
+    assert "session: 1 turn," in err  # three lines, one message
+    code, _, err = chat(capsys, monkeypatch, ["/set temp -1"], "-m", str(ckpt_chat), *FAST)
+    assert "dgrun: error: t_min must be >= 0" in err

@@ -86,3 +86,19 @@ def test_ctrl_c_at_prompt_then_ctrl_d(ckpt_chat):
     child.close()
     assert child.exitstatus == 0
     assert not re.search("Traceback", child.before or "")
+
+
+def test_multiline_message_is_one_turn(ckpt_chat):
+    """A pasted snippet between two \"\"\" lines is one message (llama.cpp's -mli, mlx-lm)."""
+    child = spawn(ckpt_chat)
+    child.sendline('"""')
+    for line in ("def add(a, b):", "    return a + b", '"""'):
+        child.expect(r"\. ")
+        child.sendline(line)
+    child.expect(PROMPT)
+    child.sendline("/stats")
+    child.expect(r"session: (\d+) turns?,")
+    assert child.match.group(1) == "1"
+    child.expect(PROMPT)
+    child.sendeof()
+    child.expect(pexpect.EOF)

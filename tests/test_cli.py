@@ -1,5 +1,6 @@
 """`dgrun run` through the real entry point: output, JSON, and one clear line per bad input."""
 
+import io
 import json
 import os
 import shutil
@@ -30,8 +31,9 @@ def test_run_prints_text_then_stats(ckpt_a, capsys):
     code, out, err = run_cli(capsys, "run", "-m", str(ckpt_a), "-p", "def add(a, b):", "-n", "20", "--steps", "3",
                              "-s", "1")
     assert code == 0
-    stats = err.strip().splitlines()[-1]
+    stats = next(line for line in err.splitlines() if line.startswith("blocks"))
     assert stats.startswith("blocks 2 | steps/block 3.0 | tokens/forward") and "tok/s" in stats
+    assert "dgrun: blocks 0, 1 hit the 3-step limit without converging" in err  # as chat reports it
     assert out.strip()
 
 
@@ -77,7 +79,8 @@ def test_bad_flags(ckpt_a, capsys, argv, needle):
     assert_one_line_error(code, err, needle)
 
 
-def test_bad_prompts(ckpt_a, ckpt_b, capsys):
+def test_bad_prompts(ckpt_a, ckpt_b, capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))  # no -p and nothing piped in
     assert_one_line_error(*run_cli(capsys, "run", "-m", str(ckpt_a))[::2], "--prompt")
     assert_one_line_error(*run_cli(capsys, "run", "-m", str(ckpt_a), "--ids", "1,x")[::2], "--ids")
     assert_one_line_error(*run_cli(capsys, "run", "-m", str(ckpt_a), "--ids", "1,99999")[::2], "out of range")

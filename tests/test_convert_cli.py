@@ -114,9 +114,49 @@ def test_directory_without_config(tmp_path, capsys):
 
 
 def test_bad_options(good, tmp_path, capsys):
-    one_error_line(*cli(capsys, "convert", good, "--to", "gguf-q3", "-o", tmp_path / "o.gguf")[::2], "unknown --to")
+    rc, _, err = cli(capsys, "convert", good, "--to", "gguf-q3", "-o", tmp_path / "o.gguf")
+    one_error_line(rc, err, "unknown --to")
+    for target in ("gguf-q4", "gguf-q5", "gguf-q6", "mlx-q4", "mlx-q8", "mlx-bf16", "Q4_K_M", "Q5_K_M", "Q6_K"):
+        assert target in err, target  # every target --help lists, the mlx ones too
     one_error_line(*cli(capsys, "convert", good, "--tensor-type", "attn_q", "-o", tmp_path / "o.gguf")[::2],
                    "GLOB=TYPE")
+
+
+# --- llama.cpp's type names as targets (issue 13) ------------------------------------------------------------
+
+def k_mix(base: str, fallback: str, more: str = "Q6_K") -> dict:
+    """llama-quantize's choice for ckpt_k (src/llama-quant.cpp, LLAMA_FTYPE_MOSTLY_Q5_K_M / _Q6_K): `base`
+    everywhere, Q6_K on the more-bits layers' ffn_down / attn_v, the 32-block `fallback` for 96/128-wide rows
+    that 256 does not divide, and Q8_0 for those rows on the more-bits layers."""
+    want = {"token_embd.weight": "Q6_K", "self_cond_down.weight": base}
+    for i in range(4):
+        b = f"blk.{i}."
+        want.update({b + "attn_q.weight": base, b + "ffn_gate_up_exps.weight": base,
+                     b + "ffn_down.weight": more if i >= 2 else base,
+                     b + "ffn_down_exps.weight": "Q8_0" if i >= 2 or base == "Q6_K" else fallback,
+                     b + "attn_output.weight": base if i == 3 else fallback})
+        if i < 3:
+            want[b + "attn_v.weight"] = more if i == 2 else base
+    return want
+
+
+@pytest.mark.parametrize("to,base,fallback,file_type", [("Q5_K_M", "Q5_K", "Q5_1", 17), ("q6_k", "Q6_K", "Q8_0", 18)])
+def test_llama_cpp_type_names(ckpt_k, tmp_path, capsys, to, base, fallback, file_type):
+    out = tmp_path / f"k-{to}.gguf"
+    rc, _, err = cli(capsys, "convert", ckpt_k, "--to", to, "-o", out)
+    assert rc == 0, err
+    r = gguf.GGUFReader(out)
+    got = {t.name: t.tensor_type.name for t in r.tensors}
+    want = k_mix(base, fallback)
+    assert {k: got[k] for k in want} == want
+    assert r.fields["general.file_type"].contents() == file_type
+
+
+def test_q8_0_and_bf16_by_name(ckpt_bf16, tmp_path, capsys):
+    for to, want in (("Q8_0", {QT.Q8_0, QT.F32}), ("bf16", {QT.BF16, QT.F32})):
+        rc, _, err = cli(capsys, "convert", ckpt_bf16, "--to", to, "-o", tmp_path / f"{to}.gguf")
+        assert rc == 0, err
+        assert {t.tensor_type for t in gguf.GGUFReader(tmp_path / f"{to}.gguf").tensors} == want
 
 
 # --- atomic writes ---------------------------------------------------------------------------------------

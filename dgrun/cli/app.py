@@ -9,16 +9,13 @@ import typer
 
 EPILOG = """Examples:
 
-  dgrun run -p "def fib(n):"                 (the embedded tiny model)
-
-  dgrun chat                                 (ditto)
-
-  dgrun run -m ./my-checkpoint -p "def fib(n):" -n 64
-
+\b
+  dgrun run -p "def fib(n):"                   (the embedded tiny model)
+  dgrun chat                                   (ditto)
+  dgrun run -m ./my-checkpoint -p "def fib(n):" -n 64 -t 1
+  dgrun run -p "def fib(n):" -p "class Stack:"   (two prompts, one batch)
   dgrun run -m model.gguf --ids "2,651,1378" --steps 16 --json
-
-  dgrun convert ./my-checkpoint --to gguf-q4
-
+  dgrun convert ./my-checkpoint --to Q4_K_M
   dgrun info model-Q4_K_M.gguf
 """
 
@@ -28,6 +25,7 @@ app = typer.Typer(
     epilog=EPILOG,
     no_args_is_help=True,
     add_completion=False,
+    rich_markup_mode=None,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -45,3 +43,7 @@ def _version(value: bool):
 def _root(version: Annotated[Optional[bool], typer.Option("--version", "-V", callback=_version, is_eager=True,
                                                           help="Print the version and exit.")] = None):
     pass
+
+
+class Interrupted(Exception):
+    """Ctrl-C during generation: what was printed stays; the message says where it stopped (exit 130)."""

@@ -2,7 +2,8 @@
 
 In a terminal: a prompt, answers streamed block by block (or the denoising canvas with --visual), slash
 commands, Ctrl-C to stop an answer, Ctrl-D to quit. With stdin not a terminal: one answer per input
-line, in plain text, for scripts.
+line on stdout, in plain text, for scripts; everything else on stderr. A line of three double quotes
+starts and ends a multi-line message, as llama.cpp's -mli and mlx-lm do.
 """
 
 from __future__ import annotations
@@ -10,23 +11,24 @@ from __future__ import annotations
 import signal
 import sys
 from contextlib import nullcontext
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from dgrun.cli.app import app
-from dgrun.cli.options import (Backend, Confidence, Dtype, EntropyBound, Model, Seed, Stability, Steps, TMax,
-                               TMin, default_model, sampler_knobs)
 from dgrun.cli.chat_commands import EXIT, Commands
+from dgrun.cli.options import (Backend, Confidence, Conversation, Dtype, EntropyBound, FlashAttn, GpuLayers, HfRepo,
+                               Model, NPredict, Seed, Stability, Steps, System, Temp, Template, Threads, TMax, TMin,
+                               Visual, backend_name, model_path, sampler_knobs)
+from dgrun.cli.output import notices, printable
 from dgrun.errors import DgrunError
-from dgrun.generate import Block, Draft, SamplerConfig
+from dgrun.generate import Block, Draft
 
 EXAMPLE = """Examples:
 
+\b
   dgrun chat -m ./ckpt -sys "You are terse."
-
   dgrun chat -hf user/DiffusionGemma-GGUF:Q4_K_M --visual
-
   echo "What is 2+2?" | dgrun chat -m model.gguf
 """
 
@@ -53,18 +55,16 @@ class CtrlC:
         return False
 
 
-def notices(stats, steps: int) -> list[str]:
-    out = []
-    if stats.interrupted:
-        out.append("stopped (Ctrl-C); the conversation goes on")
-    if stats.unconverged:
-        blocks = ", ".join(map(str, stats.unconverged))
-        out.append(f"block {blocks} hit the {steps}-step limit without converging")
-    if stats.trimmed:
-        out.append("dropped a block that repeated the previous one (--no-trim-repeats keeps it)")
-    if stats.rebuilt:
+def turn_notices(turn, steps: int, pad_id: int | None) -> list[str]:
+    st = turn.stats
+    out = ["stopped (Ctrl-C); the conversation goes on"] if st.interrupted else []
+    out += notices(st.gen, steps, pad_id) if st.gen is not None else []
+    if st.rebuilt:
         out.append("earlier text changed (template or system prompt): the KV cache was rebuilt")
     return out
+
+
+MULTILINE = '"""'
 
 
 class Session:
@@ -84,10 +84,11 @@ class Session:
         self.commands = Commands(chat, self.say, self.settings)
 
     def say(self, line: str):
+        """Command output: dim in a terminal; on stderr when piped, so stdout holds only the answers."""
         if self.interactive:
             self.console.print(line, style="dim", markup=False)
         else:
-            print(line, flush=True)
+            print(line, file=sys.stderr, flush=True)
 
     def note(self, line: str):
         if self.interactive:
@@ -95,19 +96,32 @@ class Session:
         else:
             print(f"dgrun: {line}", file=sys.stderr, flush=True)
 
-    def read(self) -> str | None:
-        """The next input line; None at end of input (Ctrl-D)."""
+    def line(self, prompt: str) -> str | None:
+        """One input line; None at end of input (Ctrl-D)."""
         if not self.interactive:
             line = sys.stdin.readline()
-            return None if line == "" else line
+            return None if line == "" else line.rstrip("\n")
         while True:
             try:
-                return input("> ")
+                return input(prompt)
             except EOFError:
                 print()
                 return None
             except KeyboardInterrupt:
                 print("\n(Ctrl-D or /exit quits)")
+
+    def read(self) -> str | None:
+        """The next message: one line, or the lines between two \"\"\" lines (text may follow the opening one)."""
+        first = self.line("> ")
+        if first is None or not first.lstrip().startswith(MULTILINE):
+            return first
+        lines, more = [], first.lstrip()[len(MULTILINE):]
+        while more is not None and not more.rstrip().endswith(MULTILINE):
+            lines.append(more)
+            more = self.line(". ")
+        if more is not None:
+            lines.append(more.rstrip()[: -len(MULTILINE)])
+        return "\n".join(lines)
 
     def run(self):
         while (line := self.read()) is not None:
@@ -130,7 +144,7 @@ class Session:
             from dgrun.cli.canvas_view import CanvasView
 
             view = CanvasView(self.chat.tok, steps, self.console)
-        ids, shown, turn = [], "", None
+        shown, turn = "", None
         try:
             with CtrlC() as ctrl_c, (view or nullcontext()):
                 for event in self.chat.send(line, interrupted=ctrl_c):
@@ -138,14 +152,13 @@ class Session:
                         if view is not None:
                             view.draft(event.block, event.step, event.ids)
                     elif isinstance(event, Block):
-                        ids += event.ids
-                        text = self.chat.tok.decode(ids, skip_special_tokens=True).lstrip()
+                        piece = event.text if shown else event.text.lstrip()
+                        shown += piece
                         if view is not None:
-                            view.block(text)
-                        elif self.interactive and not text.endswith("\ufffd"):  # wait for a whole character
-                            sys.stdout.write(text[len(shown):])
+                            view.block(shown)
+                        elif self.interactive:
+                            sys.stdout.write(printable(piece))
                             sys.stdout.flush()
-                            shown = text
                     else:
                         turn = event
         except KeyboardInterrupt:  # a second Ctrl-C: it may have landed mid-encode, so start the cache afresh
@@ -153,67 +166,58 @@ class Session:
             print()
             self.note("interrupted; the KV cache is rebuilt on the next turn")
             return
-        if view is not None or not self.interactive:
+        if not self.interactive:
             sys.stdout.write(turn.text)
+        elif view is not None:
+            sys.stdout.write(printable(turn.text))
         elif turn.text.startswith(shown):
-            sys.stdout.write(turn.text[len(shown):])
+            sys.stdout.write(printable(turn.text[len(shown):]))
         sys.stdout.write("\n")
         sys.stdout.flush()
-        for n in notices(turn.stats, steps):
+        for n in turn_notices(turn, steps, self.chat.model.args.pad_token_id):
             self.note(n)
 
 
-def model_path(model: str | None, hf_repo: str | None):
-    from dgrun import hub
-
-    if model is not None and hf_repo is not None:
-        raise DgrunError("give one of -m/--model or -hf/--hf-repo, not both")
-    if model is None and hf_repo is None:
-        return default_model()
-    if hf_repo is not None:
-        if hub.parse(hf_repo) is None:
-            raise DgrunError(f"-hf takes user/repo[:QUANT], got {hf_repo!r}")
-        return hub.resolve(hf_repo, gguf=True)
-    return hub.resolve(model)
-
-
-HfRepo = Annotated[Optional[str], typer.Option("--hf-repo", "-hf",
-                                               help="Hub GGUF repo: user/repo[:QUANT] (Q4_K_M by default).")]
-System = Annotated[Optional[str], typer.Option("--system", "-sys", help="System prompt.")]
-Template = Annotated[Optional[str], typer.Option("--chat-template", help="Jinja chat template FILE (overrides).")]
 Trim = Annotated[bool, typer.Option("--trim-repeats/--no-trim-repeats",
                                     help="Drop a block that repeats the previous one.")]
 
 
-@app.command(epilog=EXAMPLE)
+@app.command(epilog=EXAMPLE, short_help="Chat; the conversation stays in the KV cache.")
 def chat(
     model: Model = None,
     hf_repo: HfRepo = None,
     system: System = None,
     chat_template: Template = None,
-    visual: Annotated[bool, typer.Option("--visual", help="Show the canvas denoising live.")] = False,
+    conversation: Conversation = None,
+    visual: Visual = False,
     trim_repeats: Trim = True,
-    n_predict: Annotated[int, typer.Option("--n-predict", "-n", help="max_new_tokens per answer.")] = 1024,
+    n_predict: NPredict = None,
     steps: Steps = None,
+    temp: Temp = None,
     t_max: TMax = None,
     t_min: TMin = None,
     entropy_bound: EntropyBound = None,
     stability: Stability = None,
     confidence: Confidence = None,
     seed: Seed = None,
+    threads: Threads = None,
     backend: Backend = "auto",
+    n_gpu_layers: GpuLayers = None,
+    flash_attn: FlashAttn = False,
     dtype: Dtype = None,
 ):
-    """Chat with the model; the conversation stays in the KV cache between turns."""
+    """Chat with the model; the conversation stays in the KV cache between turns [-n: 1024 per answer]."""
     import dgrun
     from dgrun.chat import Chat
     from dgrun.chat_template import choose
 
-    knobs = sampler_knobs(steps, t_max, t_min, entropy_bound, stability, confidence, seed, max_new_tokens=n_predict)
-    knobs = {k: v for k, v in knobs.items() if v is not None}
-    SamplerConfig().update(**knobs)  # reject bad values and files before the (slow) load
+    if conversation is False:
+        raise DgrunError("chat is always a conversation: for one raw completion use dgrun run")
+    knobs = sampler_knobs(steps, t_max, t_min, entropy_bound, stability, confidence, seed, temp,
+                          max_new_tokens=1024 if n_predict is None else n_predict)
     override = choose(None, chat_template) if chat_template is not None else None
-    m = dgrun.load(model_path(model, hf_repo), backend=backend, dtype=dtype)
+    m = dgrun.load(model_path(model, hf_repo), backend=backend_name(backend, n_gpu_layers), dtype=dtype,
+                   threads=threads)
     template = override or choose(m.tokenizer)
     session = Session(Chat(m, system, template, trim_repeats, **knobs), visual, sys.stdin.isatty())
     if template.fallback:

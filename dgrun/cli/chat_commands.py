@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dgrun.cli.output import plural
 from dgrun.errors import DgrunError
 
 HELP = """commands:
@@ -11,8 +12,8 @@ HELP = """commands:
   /save FILE        write the conversation to FILE (JSON)
   /load FILE        read a conversation saved with /save and encode it into a new cache
   /stats            KV-cache reuse and speed of the last turn and of the session
-  /set KEY VALUE    change a setting: n, steps, t_max, t_min, entropy_bound, stability, confidence, seed,
-                    visual on|off, trim_repeats on|off, system TEXT
+  /set KEY VALUE    change a setting: n, steps, temp (t_min = t_max; 0 is greedy), t_max, t_min,
+                    entropy_bound, stability, confidence, seed, visual on|off, trim_repeats on|off, system TEXT
 Ctrl-C stops the current answer and keeps the conversation."""
 
 # /set names -> (Model.generate knob, type)
@@ -20,7 +21,8 @@ KNOBS = {"n": ("max_new_tokens", int), "n_predict": ("max_new_tokens", int), "ma
          "steps": ("steps", int), "t_max": ("t_max", float), "t_min": ("t_min", float),
          "entropy_bound": ("entropy_bound", float), "stability": ("stability_threshold", int),
          "stability_threshold": ("stability_threshold", int), "confidence": ("confidence_threshold", float),
-         "confidence_threshold": ("confidence_threshold", float), "seed": ("seed", int)}
+         "confidence_threshold": ("confidence_threshold", float), "seed": ("seed", int),
+         "temp": ("temp", float), "temperature": ("temp", float)}
 SWITCHES = {"on": True, "true": True, "1": True, "off": False, "false": False, "0": False}
 EXIT = object()
 
@@ -36,9 +38,9 @@ def stats_lines(chat) -> list[str]:
                      + ("; cache rebuilt" if t.rebuilt else ""))
         if t.gen is not None:
             g = t.gen
-            lines.append(f"answer: {len(g.ids)} tokens, {g.blocks} blocks, steps/block {g.avg_steps:.1f}, "
+            lines.append(f"answer: {plural(len(g.ids), 'token')}, {plural(g.blocks, 'block')}, steps/block {g.avg_steps:.1f}, "
                          f"tokens/forward {g.tokens_per_forward:.2f}, {g.tokens_per_second:.1f} tok/s")
-    lines.append(f"session: {tot['turns']} turns, encoded {tot['encoded_prompt_tokens']} prompt tokens instead of "
+    lines.append(f"session: {plural(tot['turns'], 'turn')}, encoded {tot['encoded_prompt_tokens']} prompt tokens instead of "
                  f"{tot['stateless_prompt_tokens']} ({tot['saved']:.0%} reused from the cache)")
     return lines
 
@@ -111,8 +113,9 @@ class Commands:
             except ValueError:
                 wanted = "an integer" if kind is int else "a number"
                 raise DgrunError(f"/set {key} takes {wanted}, got {value!r}") from None
-            self.chat.model.defaults.update(**{**self.chat.knobs, knob: parsed})  # validates the value
-            self.chat.knobs[knob] = parsed
-            self.say(f"{knob} = {parsed}")
+            changes = {"t_min": parsed, "t_max": parsed} if knob == "temp" else {knob: parsed}
+            self.chat.model.config(**{**self.chat.knobs, **changes})  # validates the value
+            self.chat.knobs.update(changes)
+            self.say(", ".join(f"{k} = {v}" for k, v in changes.items()))
         else:
             raise DgrunError(f"/set: unknown setting {key!r} (see /help)")

@@ -10,24 +10,30 @@ import typer
 from dgrun.cli.app import app
 from dgrun.errors import DgrunError
 
-TO_HELP = ("gguf-bf16 | gguf-f16 | gguf-q8 (Q8_0) | gguf-q4 (llama.cpp's Q4_K_M mix) | "
-           "mlx-bf16 | mlx-q8 | mlx-q4 (MLX directory: experts 4-bit, the rest 8-bit)")
+TO_HELP = ("gguf-bf16 (BF16) | gguf-f16 (F16) | gguf-q8 (Q8_0) | gguf-q6 (Q6_K) | gguf-q5 (Q5_K_M) | gguf-q4 "
+           "(Q4_K_M): llama.cpp's mixes, by either name, any case | mlx-bf16 | mlx-q8 | mlx-q4 (MLX directory: "
+           "experts 4-bit, the rest 8-bit).")
 TYPE_HELP = "GLOB=TYPE, e.g. 'blk.*.ffn_down_exps.weight=q8_0' (repeatable; the first match wins)."
 
 
-@app.command(epilog="Example: dgrun convert ./ckpt --to gguf-q4 -o model-Q4_K_M.gguf")
+@app.command(epilog="Example: dgrun convert ./ckpt --to Q4_K_M -o model-Q4_K_M.gguf",
+             short_help="Convert a checkpoint to GGUF or MLX.")
 def convert(
-    src: Annotated[str, typer.Argument(help="HF checkpoint directory, or a GGUF to requantize.")],
-    to: Annotated[str, typer.Option("--to", help=TO_HELP)] = "gguf-q4",
-    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Output file [SRC-TYPE.gguf next to SRC].")] = None,
-    tensor_type: Annotated[Optional[list[str]], typer.Option("--tensor-type", help=TYPE_HELP)] = None,
+    src: Annotated[str, typer.Argument(metavar="SRC", hidden=True)],
+    to: Annotated[str, typer.Option("--to", metavar="TYPE", help=TO_HELP)] = "gguf-q4",
+    out: Annotated[Optional[str], typer.Option("--out", "-o", metavar="OUT", help="Output file [SRC-TYPE.gguf next to SRC].")] = None,
+    tensor_type: Annotated[Optional[list[str]], typer.Option("--tensor-type", metavar="GLOB=TYPE", help=TYPE_HELP)] = None,
     force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite OUT if it exists.")] = False,
-    threads: Annotated[Optional[int], typer.Option("--threads", "-t", help="Worker threads [CPUs, at most 8].")] = None,
-    q_group_size: Annotated[Optional[int], typer.Option("--q-group-size", help="mlx-*: group size [64].")] = None,
-    q_bits: Annotated[Optional[int], typer.Option("--q-bits", help="mlx-*: bits of the experts [4 or 8].")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", "-t", metavar="N", help="Worker threads [CPUs, at most 8].")] = None,
+    q_group_size: Annotated[Optional[int], typer.Option("--q-group-size", metavar="N", help="mlx-*: group size [64].")] = None,
+    q_bits: Annotated[Optional[int], typer.Option("--q-bits", metavar="N", help="mlx-*: bits of the experts [4 or 8].")] = None,
     q_uniform: Annotated[bool, typer.Option("--q-uniform", help="mlx-q4: --q-bits everywhere, no 8-bit rest.")] = False,
 ):
-    """Convert a checkpoint to GGUF or to an MLX directory; the output appears only when complete."""
+    """Convert SRC (an HF checkpoint directory, or a GGUF to requantize) to GGUF or to an MLX directory; the
+    output appears only when complete."""
+    from dgrun.convert.policy import target_name
+
+    to = target_name(to)
     if to.startswith("mlx-"):  # MLX targets live in convert/mlx_writer.py (issue 5)
         from dgrun.convert.mlx_writer import convert_mlx
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -31,12 +31,14 @@ def render(d: dict) -> str:
     return "\n".join(lines)
 
 
-@app.command(epilog="Example: dgrun info model-Q4_K_M.gguf")
+@app.command(epilog="Examples: dgrun info model-Q4_K_M.gguf · dgrun info (the embedded model)",
+             short_help="What a checkpoint holds (headers only).")
 def info(
-    model: Annotated[str, typer.Argument(help="A .gguf file or an HF checkpoint directory.")],
+    model: Annotated[Optional[str], typer.Argument(metavar="MODEL", hidden=True)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead.")] = False,
 ):
-    """Show architecture, parameters, canvas length, tensor types and sizes, metadata and sampler defaults."""
+    """Show what MODEL (a .gguf file, an HF or MLX checkpoint directory) [the embedded tiny model] holds:
+    architecture, parameters, canvas length, tensor types and sizes, metadata and sampler defaults."""
     from dgrun.info import info as describe
 
     d = describe(model)

@@ -11,11 +11,13 @@ from dgrun.cli.app import app
 from dgrun.errors import DgrunError
 
 
-@app.command(epilog="Examples: dgrun pull user/DiffusionGemma-GGUF:Q8_0 · dgrun pull google/diffusiongemma")
+@app.command(epilog="Examples: dgrun pull user/DiffusionGemma-GGUF:Q8_0 · dgrun pull google/diffusiongemma",
+             short_help="Download a model from the hub.")
 def pull(
-    repo: Annotated[str, typer.Argument(help="user/repo (a checkpoint, or GGUF Q4_K_M) or user/repo:QUANT.")],
+    repo: Annotated[str, typer.Argument(metavar="REPO", hidden=True)],
 ):
-    """Download a checkpoint or one GGUF quant (reusing the cache) and print its local path."""
+    """Download REPO (user/repo: a checkpoint, or its GGUF Q4_K_M; user/repo:QUANT: that GGUF), reusing the
+    cache, and print its local path."""
     from dgrun import hub
 
     if hub.parse(repo) is None:

@@ -9,11 +9,10 @@ flat dict (GGUF names): float tensors as torch, quantized ones as `AffineTensor`
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 
 from dgrun import checks, tokenizer
-from dgrun.errors import DgrunError
+from dgrun.errors import DgrunError, notice
 from dgrun.formats.common import Checkpoint, check_shapes, read_generation_config
 from dgrun.formats.safetensors import headers, read_config, read_tensors, safetensors_files
 from dgrun.jsonfile import read_json
@@ -150,7 +149,7 @@ def load(path: Path) -> Checkpoint:
         packed = module_path(name) + ".scales" in raw and not tensor.dtype.is_floating_point
         weights[flat] = _affine(name, raw, quant, shapes[flat][-1], path) if packed else tensor
     if vision:
-        print("dgrun: skipping the vision tower: image input is not supported yet", file=sys.stderr)
+        notice("skipping the vision tower: image input is not supported yet")
     defaults, args = read_generation_config(path, args)
     try:
         check_shapes(weights, args)

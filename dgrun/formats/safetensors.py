@@ -6,12 +6,11 @@ offsets inside the file, no overlap) and renamed by `sanitize` through the table
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from dgrun import checks, tokenizer
-from dgrun.errors import DgrunError
+from dgrun.errors import DgrunError, notice
 from dgrun.formats.common import Checkpoint, check_shapes, read_generation_config
 from dgrun.jsonfile import read_json
 from dgrun.models.diffusion_gemma import HF_DROP, HF_VISION, ModelArgs, hf_to_gguf_name
@@ -82,7 +81,7 @@ def sanitize(weights: dict, args: ModelArgs) -> dict:
             continue
         out[new] = tensor
     if vision:
-        print("dgrun: skipping the vision tower: image input is not supported yet", file=sys.stderr)
+        notice("skipping the vision tower: image input is not supported yet")
     check_shapes(out, args)
     return out
 
