@@ -37,7 +37,7 @@ ALIASES = {t.label.lower(): name for name, t in TARGETS.items()}
 
 def target_name(to: str) -> str:
     """A `--to` value as dgrun's target name; unknown ones get the whole list, MLX targets included."""
-    from dgrun.convert.mlx_policy import TARGETS as MLX_TARGETS
+    from dgrun.backends.mlx_policy import TARGETS as MLX_TARGETS
 
     name = ALIASES.get(to.lower(), to.lower())
     if name not in TARGETS and name not in MLX_TARGETS:

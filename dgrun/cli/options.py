@@ -71,7 +71,7 @@ def sampler_knobs(steps, t_max, t_min, entropy_bound, stability, confidence, see
     knobs = {k: v for k, v in knobs.items() if v is not None}
     from dgrun.generate import SamplerConfig
 
-    SamplerConfig(t_min=0.0, t_max=float("inf")).update(**knobs)  # bad values fail before the (slow) load
+    SamplerConfig(t_min=0.0, t_max=1e4).update(**knobs)  # bad values fail before the (slow) load; 1e4: the largest t
     return knobs
 
 
