@@ -199,5 +199,5 @@ def test_block_text_joins_split_characters():
     ids = m.tokenizer.encode("é€ ok", add_special_tokens=False)
     assert len(ids) >= 3, "the embedded tokenizer spells these characters in byte tokens"
     blocks = [Block(i, [t], 1, True, False) for i, t in enumerate(ids)]
-    texts = [b.text for b in m._texts(iter([*blocks, Stats(ids=ids)]), m.config()) if isinstance(b, Block)]
+    texts = [b.text for b in m._texts(iter([*blocks, Stats(ids=ids)]), [m.config()]) if isinstance(b, Block)]
     assert "".join(texts) == "é€ ok" and not any("\ufffd" in t for t in texts)

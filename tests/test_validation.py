@@ -109,7 +109,7 @@ def test_safetensors_dtype(hf):
 
 def test_sampler_config_checks():
     for knobs, needle in [(dict(steps=0), "steps = 0"), (dict(steps=True), "steps = True"),
-                          (dict(t_min=float("nan")), "t_min = nan"), (dict(t_max=0.1), "t_max = 0.1 must be greater"),
+                          (dict(t_min=float("nan")), "t_min = nan"), (dict(t_max=0.1), "t_max = 0.1 must be >= t_min"),
                           (dict(max_new_tokens=2**40), "max_new_tokens"), (dict(entropy_bound="0.1"), "entropy_bound")]:
         with pytest.raises(DgrunError, match=needle.replace("(", r"\(")):
             SamplerConfig(**knobs)
