@@ -17,12 +17,12 @@ import typer
 
 from dgrun.cli.app import app
 from dgrun.cli.chat_commands import EXIT, Commands
-from dgrun.cli.options import (Backend, Confidence, Conversation, Dtype, EntropyBound, FlashAttn, GpuLayers, HfRepo,
+from dgrun.cli.options import (Backend, Confidence, Conversation, CtxSize, Dtype, EntropyBound, FlashAttn, GpuLayers, HfRepo,
                                Model, NPredict, Seed, Stability, Steps, System, Temp, Template, Threads, TMax, TMin,
                                Visual, backend_name, model_path, sampler_knobs)
-from dgrun.cli.output import notices, printable
+from dgrun.cli.output import notices, printable, show_prefill
 from dgrun.errors import DgrunError
-from dgrun.generate import Block, Draft
+from dgrun.generate import Block, Draft, Prefill
 
 EXAMPLE = """Examples:
 
@@ -148,7 +148,9 @@ class Session:
         try:
             with CtrlC() as ctrl_c, (view or nullcontext()):
                 for event in self.chat.send(line, interrupted=ctrl_c):
-                    if isinstance(event, Draft):
+                    if isinstance(event, Prefill):
+                        show_prefill(event)
+                    elif isinstance(event, Draft):
                         if view is not None:
                             view.draft(event.block, event.step, event.ids)
                     elif isinstance(event, Block):
@@ -201,6 +203,7 @@ def chat(
     confidence: Confidence = None,
     seed: Seed = None,
     threads: Threads = None,
+    ctx_size: CtxSize = None,
     backend: Backend = "auto",
     n_gpu_layers: GpuLayers = None,
     flash_attn: FlashAttn = False,
@@ -217,7 +220,7 @@ def chat(
                           max_new_tokens=1024 if n_predict is None else n_predict)
     override = choose(None, chat_template) if chat_template is not None else None
     m = dgrun.load(model_path(model, hf_repo), backend=backend_name(backend, n_gpu_layers), dtype=dtype,
-                   threads=threads)
+                   threads=threads, ctx_size=ctx_size)
     template = override or choose(m.tokenizer)
     session = Session(Chat(m, system, template, trim_repeats, **knobs), visual, sys.stdin.isatty())
     if template.fallback:

@@ -35,6 +35,9 @@ Confidence = Annotated[Optional[float], typer.Option(
     "--confidence", metavar="C", help="confidence_threshold [model, else 0.005].")]
 Seed = Annotated[Optional[int], typer.Option(
     "--seed", "-s", metavar="SEED", min=-1, help="Random seed; -1 picks one and prints it [0].")]
+CtxSize = Annotated[Optional[int], typer.Option(
+    "--ctx-size", "-c", metavar="N",
+    help="Context limit in tokens: prompt plus committed blocks [the model's context length, capped by memory].")]
 Threads = Annotated[Optional[int], typer.Option(
     "--threads", "-t", metavar="N", min=1, help="CPU threads [1 for a model under 100M parameters, else the "
                                                "physical cores].")]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # C0/C1 controls but tab and newline
 
@@ -10,6 +11,15 @@ CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # C0/C1 controls but tab
 def printable(text: str) -> str:
     """Control bytes from the model shown as escapes (\\r, \\x02), so they cannot drive the terminal."""
     return CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+
+
+def show_prefill(event) -> None:
+    """A long prompt's progress through the encoder, on one self-erasing stderr line (terminals only)."""
+    if not sys.stderr.isatty():
+        return
+    end = "\r\x1b[K" if event.done >= event.total else ""
+    sys.stderr.write(f"\r\x1b[Kprefill {event.done}/{event.total} tokens{end}")
+    sys.stderr.flush()
 
 
 def plural(n: int, word: str) -> str:

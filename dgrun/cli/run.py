@@ -11,12 +11,12 @@ from typing import Annotated, Optional
 import typer
 
 from dgrun.cli.app import Interrupted, app
-from dgrun.cli.options import (Backend, Confidence, Conversation, Dtype, EntropyBound, FlashAttn, GpuLayers, HfRepo,
+from dgrun.cli.options import (Backend, Confidence, Conversation, CtxSize, Dtype, EntropyBound, FlashAttn, GpuLayers, HfRepo,
                                Model, NPredict, Seed, Stability, Steps, System, Temp, Template, Threads, TMax, TMin,
                                Visual, backend_name, model_path, sampler_knobs)
-from dgrun.cli.output import notices, plural, printable, stats_json, stats_line
+from dgrun.cli.output import notices, plural, printable, show_prefill, stats_json, stats_line
 from dgrun.errors import DgrunError
-from dgrun.generate import Block, Draft, Stats
+from dgrun.generate import Block, Draft, Prefill, Stats
 
 
 def parse_ids(text: str) -> list[int]:
@@ -66,15 +66,18 @@ EXAMPLES = """Examples:
   dgrun run -m ./ckpt -f prompt.txt --steps 24 -s -1
   echo "def fib(n):" | dgrun run --temp 0
   dgrun run -m model.gguf -sys "You are terse." -p "What is a block?"
-  dgrun run -p "def area(r):" --suffix "    return result" --gap 12   (fill the gap)"""
+  dgrun run -p "def area(r):" --suffix "    return result" --gap 12   (fill the gap)
+  dgrun run -p "def fib(n):" -p "class Stack:" -s 1     (two prompts, one batch)
+  dgrun run -m model.gguf -c 8192 -f long_prompt.txt"""
 
 
 @app.command(epilog=EXAMPLES, short_help="Generate from a prompt (or fill a gap).")
 def run(
     model: Model = None,
     hf_repo: HfRepo = None,
-    prompt: Annotated[Optional[str], typer.Option(
-        "--prompt", "-p", metavar="TEXT", help="Prompt text; - reads stdin (as does no -p with stdin piped).")] = None,
+    prompt: Annotated[Optional[list[str]], typer.Option(
+        "--prompt", "-p", metavar="TEXT", help="Prompt text; - reads stdin (as does no -p with stdin piped). "
+        "Given more than once, the prompts run as one batch.")] = None,
     file: Annotated[Optional[str], typer.Option("--file", "-f", metavar="FILE", help="Read the prompt from FILE.")] = None,
     ids: Annotated[Optional[str], typer.Option("--ids", metavar="IDS", help="Prompt as raw token ids: '2,651,1378'.")] = None,
     system: System = None,
@@ -94,6 +97,7 @@ def run(
     confidence: Confidence = None,
     seed: Seed = None,
     threads: Threads = None,
+    ctx_size: CtxSize = None,
     backend: Backend = "auto",
     n_gpu_layers: GpuLayers = None,
     flash_attn: FlashAttn = False,
@@ -110,7 +114,10 @@ def run(
     templated = conversation if conversation is not None else (system is not None or chat_template is not None)
     if not templated and (system is not None or chat_template is not None):
         raise DgrunError("-sys/--chat-template apply the chat template: drop -no-cnv/--no-chat-template")
-    source = read_prompt(prompt, file, ids)
+    batch = prompt is not None and len(prompt) > 1
+    if batch and (file is not None or ids is not None or suffix is not None or visual or "-" in prompt):
+        raise DgrunError("several -p prompts run as one batch: without -f, --ids, --suffix, --visual or -p -")
+    source = list(prompt) if batch else read_prompt(prompt[0] if prompt else None, file, ids)
     if suffix is not None and not isinstance(source, str):
         raise DgrunError("--suffix needs a text prompt (-p or -f)")
     if suffix is not None and templated:
@@ -118,7 +125,7 @@ def run(
     knobs = sampler_knobs(steps, t_max, t_min, entropy_bound, stability, confidence, seed, temp,
                           max_new_tokens=n_predict)
     m = dgrun.load(model_path(model, hf_repo), backend=backend_name(backend, n_gpu_layers), dtype=dtype,
-                   threads=threads)
+                   threads=threads, ctx_size=ctx_size)
     if suffix is not None and m.tokenizer is None:
         raise DgrunError("--suffix needs the model's tokenizer")
     stop_ids = ()
@@ -126,12 +133,17 @@ def run(
         from dgrun.chat import Chat
         from dgrun.chat_template import choose
 
-        if not isinstance(source, str):
+        if not isinstance(source, (str, list)) or not all(isinstance(p, str) for p in source):
             raise DgrunError("the chat template needs a text prompt (-p or -f), not --ids")
         chat = Chat(m, system, choose(None, chat_template) if chat_template else None, **knobs)
-        source, stop_ids = chat.prompt_ids(source), chat.stop_ids
+        source = [chat.prompt_ids(p) for p in source] if batch else chat.prompt_ids(source)
+        stop_ids = chat.stop_ids
     if verbose_prompt:
-        show_prompt(m, m.tokenizer.encode(source) if isinstance(source, str) else source)
+        for p in source if batch else [source]:
+            show_prompt(m, m.tokenizer.encode(p) if isinstance(p, str) else p)
+    if batch:
+        write_batch(m, m.stream(source, stop_ids=stop_ids, **knobs), len(source), m.config(**knobs).steps, as_json)
+        return
     if suffix is not None:
         r = m.infill(source, suffix, gap, **knobs)
         events = [Block(0, r.ids, r.stats.steps_per_block[0], not r.stats.unconverged, False, text=r.text), r.stats]
@@ -155,7 +167,9 @@ def write(m, events, steps: int, as_json: bool, visual: bool, strip: bool) -> No
     try:
         with view or nullcontext():
             for event in events:
-                if isinstance(event, Draft) and view is not None:
+                if isinstance(event, Prefill):
+                    show_prefill(event)
+                elif isinstance(event, Draft) and view is not None:
                     view.draft(event.block, event.step, event.ids)
                 elif isinstance(event, Block):
                     ids += event.ids
@@ -184,3 +198,27 @@ def write(m, events, steps: int, as_json: bool, visual: bool, strip: bool) -> No
     print(stats_line(stats), file=sys.stderr)
     for line in notices(stats, steps, m.args.pad_token_id):
         print(f"dgrun: {line}", file=sys.stderr)
+
+
+def write_batch(m, events, n: int, steps: int, as_json: bool) -> None:
+    """Several prompts in one batch: each answer under its prompt's index once all are done (blocks of
+    different prompts land interleaved), then one stats line per prompt on stderr."""
+    stats = {}
+    try:
+        for event in events:
+            if isinstance(event, Prefill):
+                show_prefill(event)
+            elif isinstance(event, Stats):
+                stats[event.prompt_index] = event
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted (Ctrl-C) with {len(stats)} of {n} answers finished") from None
+    if as_json:
+        print(json.dumps([{"prompt_index": i, "text": m.decode(s.ids), "ids": s.ids, "stats": stats_json(s)}
+                          for i, s in sorted(stats.items())]))
+    for i, s in sorted(stats.items()):
+        if not as_json:
+            text = m.decode(s.ids) if m.tokenizer is not None else " ".join(map(str, s.ids))
+            print(f"[{i}]\n{printable(text) if sys.stdout.isatty() else text}", flush=True)
+        print(f"[{i}] {stats_line(s)}", file=sys.stderr)
+        for line in notices(s, steps, m.args.pad_token_id):
+            print(f"dgrun: [{i}] {line}", file=sys.stderr)
