@@ -25,6 +25,7 @@ import torch
 
 from dgrun.backends import mlx_sampler
 from dgrun.backends.mlx_cache import MlxSlotCache
+from dgrun.backends.row import reserve
 from dgrun.backends.mlx_sampler import MlxState
 from dgrun.backends.mlx_weights import DTYPES, QLinear, as_numpy, default_dtype, prepare
 from dgrun.backends.mlx_policy import policy_for
@@ -99,7 +100,7 @@ class MlxBackend:
             return
         if ids.max() >= self.args.vocab_size or ids.min() < 0:
             raise DgrunError(f"token id out of range for vocab_size {self.args.vocab_size}")
-        cache.reserve(slot, ids.size)
+        reserve(cache, slot, ids.size)
         for start in range(0, ids.size, ENCODE_CHUNK):
             self._encode_chunk(slot, mx.array(ids[start:start + ENCODE_CHUNK].astype(np.int32))[None], cache)
         mx.async_eval(cache.keys, cache.values, [p for p in cache.pos if p is not None])

@@ -12,7 +12,6 @@ import math
 
 import mlx.core as mx
 
-from dgrun.errors import DgrunError
 
 
 class MlxSlotCache:
@@ -33,11 +32,6 @@ class MlxSlotCache:
         for pos in self.pos:
             if pos is not None:
                 pos[slot] = -1
-
-    def reserve(self, slot: int, n: int) -> None:
-        if self.lengths[slot] + n > self.max_len:
-            raise DgrunError(f"context full: {self.lengths[slot]} + {n} tokens exceed the context limit of "
-                             f"{self.max_len} (-c/--ctx-size)")
 
     def write(self, i: int, slot: int, k: mx.array, v: mx.array, positions: mx.array, start: int) -> None:
         """New tokens' K/V (1, kv_heads, n, head_dim) at absolute positions start..start+n-1."""

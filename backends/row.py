@@ -1,9 +1,11 @@
-"""What a new block needs from the loop, shared by every backend."""
+"""What every backend shares with the loop: a new block's Row, and the room check of a slot cache."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
+from dgrun.errors import DgrunError
 
 
 @dataclass(slots=True)
@@ -15,3 +17,10 @@ class Row:
     cfg: Any
     block: int = 0
     fixed: list[int] | None = None
+
+
+def reserve(cache, slot: int, n: int) -> None:
+    """One clear error before n more tokens overflow a slot (caches keep host `lengths` and `max_len`)."""
+    if cache.lengths[slot] + n > cache.max_len:
+        raise DgrunError(f"context full: {cache.lengths[slot]} + {n} tokens exceed the context limit of "
+                         f"{cache.max_len} (-c/--ctx-size)")

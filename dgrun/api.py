@@ -60,8 +60,7 @@ class Model:
             return
         cfg = self.config(**knobs)
         ids = self._prompt_ids(prompt)
-        if cache is None:
-            self._check_fits(len(ids))
+        if cache is None:  # sized to what the request can use; a prompt over ctx is Engine.add's error
             cache = self.backend.new_cache(1, max(1, min(self.ctx, cache_need(len(ids), cfg, self.args.canvas_length))))
         events = stream(self.backend, ids, cfg, self._eos(stop_ids), self.args.pad_token_id, cache, trim_repeats)
         yield from self._texts(events, [cfg])
@@ -103,10 +102,8 @@ class Model:
             raise DgrunError(f"{len(seeds)} seeds for {len(prompts)} prompts")
         cfgs = [self.config(**knobs, seed=s) for s in seeds]
         ids = [self._prompt_ids(p) for p in prompts]
-        for x in ids:
-            if not x:
-                raise DgrunError("empty prompt")
-            self._check_fits(len(x))
+        if not all(ids):
+            raise DgrunError("empty prompt")
         need = max(cache_need(len(x), c, self.args.canvas_length) for x, c in zip(ids, cfgs))
         engine = Engine(self.backend, self.backend.new_cache(len(ids), min(self.ctx, need)))
         reqs = [Request(x, c, self._eos(stop_ids), self.args.pad_token_id, trim_repeats, index=i)
@@ -128,10 +125,6 @@ class Model:
 
     def _eos(self, stop_ids) -> list[int]:
         return list(self.args.eos_token_id) + [int(t) for t in stop_ids]
-
-    def _check_fits(self, n: int) -> None:
-        if n > self.ctx:
-            raise DgrunError(f"the prompt is {n} tokens, over the context limit of {self.ctx} (-c/--ctx-size)")
 
     def generate(self, prompt, cache=None, stop_ids=(), trim_repeats: bool = False, **knobs):
         """Text (when a tokenizer is present) and ids, cut at EOS and max_new_tokens, plus stats. A list of

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import torch
 
-from dgrun.errors import DgrunError
 
 
 class SlotCache:
@@ -38,11 +37,6 @@ class SlotCache:
         for pos in self.pos:
             if pos is not None:
                 pos[slot] = -1
-
-    def reserve(self, slot: int, n: int) -> None:
-        if self.lengths[slot] + n > self.max_len:
-            raise DgrunError(f"context full: {self.lengths[slot]} + {n} tokens exceed the context limit of "
-                             f"{self.max_len} (-c/--ctx-size)")
 
     def write(self, i: int, slot: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, start: int):
         """New tokens' K/V (1, kv_heads, n, head_dim) at absolute positions start..start+n-1."""

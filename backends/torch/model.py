@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from dgrun.backends.row import reserve
 from dgrun.backends.torch import ops_cpu, sampler
 from dgrun.backends.torch.cache import SlotCache
 from dgrun.backends.torch.ops_cpu import gelu, rms_norm
@@ -64,7 +65,7 @@ class TorchBackend:
             return
         if int(ids.max()) >= self.args.vocab_size or int(ids.min()) < 0:
             raise DgrunError(f"token id out of range for vocab_size {self.args.vocab_size}")
-        cache.reserve(slot, ids.numel())
+        reserve(cache, slot, ids.numel())
         for start in range(0, ids.numel(), ENCODE_CHUNK):
             self._encode_chunk(slot, ids[start:start + ENCODE_CHUNK].to(self.device)[None], cache)
 
