@@ -143,3 +143,32 @@ class QTensor:
 
     def __repr__(self) -> str:
         return f"QTensor({self.qtype.name}, shape={list(self.shape)})"
+
+
+@dataclass(frozen=True, slots=True)
+class DevicePacked:
+    """A GGUF block-packed matrix on a torch device, byte for byte as the file stores it (the cuda backend's
+    weights; kernels/dequant.py decodes it in registers). `data` is a torch uint8 tensor of shape
+    (*shape[:-1], bytes per row); `shape` is the element shape, as QTensor's."""
+
+    data: object  # torch.Tensor, uint8
+    qtype: QT
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.numel())
+
+    @property
+    def device(self):
+        return self.data.device
+
+    @classmethod
+    def upload(cls, q: QTensor, device) -> "DevicePacked":
+        """One tensor from the file's memory map to the device: no whole-model host copy."""
+        import torch
+
+        return cls(torch.from_numpy(np.ascontiguousarray(q.data)).to(device), q.qtype, tuple(q.shape))
+
+    def __repr__(self) -> str:
+        return f"DevicePacked({self.qtype.name}, shape={list(self.shape)}, device={self.device})"
