@@ -13,7 +13,7 @@ from typing import Any, Protocol, Sequence
 from dgrun.backends.row import Row
 from dgrun.errors import DgrunError
 
-BACKENDS = ("cpu", "mlx")
+BACKENDS = ("cpu", "cuda", "mlx")
 
 
 class Backend(Protocol):
@@ -53,14 +53,18 @@ class Backend(Protocol):
 
 
 def pick(name: str) -> str:
-    """Resolve "auto" to a backend name."""
+    """Resolve "auto" to a backend name: cuda where torch sees a GPU, mlx on Apple silicon, else cpu."""
     if name == "auto":
-        return "mlx" if _mlx_default() else "cpu"  # the cuda backend arrives with its own issue
-    if name == "cuda":
-        raise DgrunError("the cuda backend is not built yet (available: cpu, mlx)")
+        return "cuda" if _cuda_available() else "mlx" if _mlx_default() else "cpu"
     if name not in BACKENDS:
         raise DgrunError(f"unknown backend {name!r} (available on {platform.machine()}: {', '.join(BACKENDS)})")
     return name
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _mlx_default() -> bool:
@@ -70,11 +74,15 @@ def _mlx_default() -> bool:
     return platform.system() == "Darwin" and platform.machine() == "arm64" and importlib.util.find_spec("mlx") is not None
 
 
-def create(name: str, args, weights: dict, dtype: str | None = None) -> Backend:
-    name = pick(name)
-    if name == "mlx":
-        import importlib.util
+def create(name: str, args, weights: dict, dtype: str | None = None, device: str | None = None) -> Backend:
+    """A backend over a flat weights dict. device: only for cuda, "cpu" runs its Triton kernels on CPU tensors
+    under TRITON_INTERPRET=1 (the test mode of the cuda backend; slow, tiny models only)."""
+    import importlib.util
 
+    name = pick(name)
+    if device is not None and name != "cuda":
+        raise DgrunError(f"device= is for the cuda backend's test mode, not for {name}")
+    if name == "mlx":
         if importlib.util.find_spec("mlx") is None:
             raise DgrunError("the mlx backend needs MLX: pip install mlx (Apple silicon) or 'mlx[cpu]' (Linux)")
         from dgrun.backends.mlx import MlxBackend
@@ -83,4 +91,27 @@ def create(name: str, args, weights: dict, dtype: str | None = None) -> Backend:
     from dgrun.backends.torch.model import TorchBackend
     from dgrun.packed import dequantizing
 
+    if name == "cuda":
+        device = _cuda_device(device)
+        return TorchBackend(args, dequantizing(weights), dtype=dtype or ("float32" if device == "cpu" else "bfloat16"),
+                            device=device, ops="cuda")
     return TorchBackend(args, dequantizing(weights), dtype=dtype or "float32")  # MLX-affine weights as float
+
+
+def _cuda_device(device: str | None) -> str:
+    """The torch device of the cuda backend, or one line saying why it cannot run here."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("triton") is None:
+        raise DgrunError("the cuda backend needs Triton: pip install triton (or pip install 'dgrun[cuda]')")
+    if device in (None, "cuda") or str(device).startswith("cuda:"):
+        if not _cuda_available():
+            raise DgrunError("the cuda backend needs an NVIDIA GPU: torch sees no CUDA device here "
+                             "(use --backend cpu, or a CUDA build of torch)")
+        return device or "cuda"
+    if device == "cpu":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            raise DgrunError("the cuda backend runs on device='cpu' only under TRITON_INTERPRET=1 (its test mode)")
+        return "cpu"
+    raise DgrunError(f"unknown device {device!r} for the cuda backend (cuda, cuda:N, or cpu under TRITON_INTERPRET=1)")

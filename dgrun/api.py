@@ -31,9 +31,9 @@ class Model:
     stability_threshold, confidence_threshold, max_new_tokens, seed."""
 
     def __init__(self, ckpt: checkpoint.Checkpoint, backend: str = "auto", dtype: str | None = None,
-                 tok: tokenizer.Tokenizer | None = None, ctx_size: int | None = None):
+                 tok: tokenizer.Tokenizer | None = None, ctx_size: int | None = None, device: str | None = None):
         self.args = ckpt.args
-        self.backend = create(backend, ckpt.args, ckpt.weights, dtype)
+        self.backend = create(backend, ckpt.args, ckpt.weights, dtype, device)
         self.defaults = SamplerConfig().update(**ckpt.defaults)
         self.tokenizer = tok
         self.ctx = context_limit(ckpt.args, ctx_size)  # tokens a cache slot holds: prompt + committed blocks
@@ -192,11 +192,12 @@ def is_batch(prompt) -> bool:
 
 
 def load(path=None, backend: str = "auto", dtype: str | None = None, ctx_size: int | None = None,
-         threads: int | None = None) -> Model:
+         threads: int | None = None, device: str | None = None) -> Model:
     """Load an HF checkpoint directory or a GGUF file (its tokenizer comes from the file), a hub repo
     id `user/repo[:QUANT]`, or with no path the embedded default model (models/tiny-stdlib.md).
-    backend: "auto" | "cpu" | "mlx"; dtype: "float32" | "bfloat16" (mlx also "float16", "q4", "q8":
-    quantize at load). ctx_size: tokens a cache slot holds (default: the model's context length, capped by
+    backend: "auto" | "cpu" | "cuda" | "mlx"; dtype: "float32" | "bfloat16" (mlx also "float16", "q4", "q8":
+    quantize at load; cuda defaults to bfloat16, GGUF block types staying packed). device: the cuda backend's
+    torch device ("cuda:1"), or "cpu" for its test mode under TRITON_INTERPRET=1. ctx_size: tokens a cache slot holds (default: the model's context length, capped by
     memory); threads: CPU threads (default: 1 for a small model, else the physical cores)."""
     from dgrun import hub
     from dgrun.models import DEFAULT_MODEL
@@ -209,4 +210,4 @@ def load(path=None, backend: str = "auto", dtype: str | None = None, ctx_size: i
     ckpt = checkpoint.load(path)
     if pick(backend) == "cpu":
         set_threads(threads, n_params(ckpt.args))
-    return Model(ckpt, backend, dtype, ckpt.tokenizer, ctx_size)
+    return Model(ckpt, backend, dtype, ckpt.tokenizer, ctx_size, device)

@@ -166,9 +166,14 @@ class DevicePacked:
     @classmethod
     def upload(cls, q: QTensor, device) -> "DevicePacked":
         """One tensor from the file's memory map to the device: no whole-model host copy."""
+        import warnings
+
         import torch
 
-        return cls(torch.from_numpy(np.ascontiguousarray(q.data)).to(device), q.qtype, tuple(q.shape))
+        with warnings.catch_warnings():  # the map is read-only; the bytes are only read, then copied
+            warnings.simplefilter("ignore", UserWarning)
+            data = torch.from_numpy(np.ascontiguousarray(q.data))
+        return cls(data.to(device), q.qtype, tuple(q.shape))
 
     def __repr__(self) -> str:
         return f"DevicePacked({self.qtype.name}, shape={list(self.shape)}, device={self.device})"

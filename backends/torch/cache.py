@@ -55,7 +55,7 @@ class SlotCache:
             if i == self.sliding.index(False):
                 self.clean[slot] = max(self.clean[slot], start + n)
 
-    def _zero_past(self, slots: list[int], size: int) -> None:
+    def zero_past(self, slots: list[int], size: int) -> None:
         """Zero full-layer entries [clean, size) of rows that show them for the first time."""
         for s in slots:
             if self.clean[s] < size:
@@ -75,7 +75,7 @@ class SlotCache:
         else:
             size = max(lengths)
             all_valid = min(lengths) == size
-            self._zero_past(slots, size)
+            self.zero_past(slots, size)
         first = slots[0]
         if slots == list(range(first, first + len(slots))):  # contiguous slots: a view, no copy
             keys = self.keys[i][first:first + len(slots), :, :size]
@@ -91,3 +91,24 @@ class SlotCache:
             return keys, values, pos >= 0
         lens = torch.tensor(lengths, device=keys.device)
         return keys, values, torch.arange(size, device=keys.device)[None, :] < lens[:, None]
+
+    def static_view(self, i: int, rows, size: int, lengths: torch.Tensor):
+        """(keys, values, valid) of fixed shape for a CUDA graph: full layers show `size` entries (a bucket of
+        view_size, zeroed past the written ones by zero_past beforehand) and mask by the device tensor
+        `lengths` (B,); rows is a slice of consecutive slots or a device index tensor."""
+        keys, values = self.keys[i], self.values[i]
+        if not self.sliding[i]:
+            keys, values = keys[:, :, :size], values[:, :, :size]
+        pick = (lambda t: t[rows]) if isinstance(rows, slice) else (lambda t: t.index_select(0, rows))
+        keys, values = pick(keys), pick(values)
+        if self.sliding[i]:
+            return keys, values, pick(self.pos[i]) >= 0
+        return keys, values, torch.arange(size, device=keys.device)[None, :] < lengths[:, None]
+
+
+VIEW_BUCKET = 1024  # full-layer entries a static view shows: a multiple of this, so a graph serves many lengths
+
+
+def view_size(length: int, max_len: int) -> int:
+    """The static view length for rows whose longest committed context is `length`."""
+    return min(max(VIEW_BUCKET, -(-length // VIEW_BUCKET) * VIEW_BUCKET), max_len)

@@ -1,7 +1,8 @@
 """The DiffusionGemma forward in torch: batch-first, device-agnostic, over a handful of ops.
 
-The model calls `linear`, `moe`, `attention`, `soft_embedding` and `head_and_sample`, looked up in `OPS` by
-device; ops_cpu.py holds the exact reference ops (the `cpu` backend), and another device only adds its own.
+The model calls `embed`, `linear`, `moe`, `attention`, `soft_embedding` and `head_and_sample`, looked up by backend
+in `op_table()`: ops_cpu.py holds the exact reference ops (the `cpu` backend, float weights), ops_cuda.py the Triton
+kernels over GGUF-packed weights (the `cuda` backend; on CPU tensors under TRITON_INTERPRET=1 in its tests).
 Encoder and decoder read the same weight tensors: one copy in memory.
 
 A denoising step is B rows at any step of any request: per-row positions, cache slots, knobs and draws.
@@ -10,18 +11,30 @@ Nothing in a step reads the device back except the CPU's MoE op (see ops_cpu.moe
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from dgrun.backends.row import reserve
 from dgrun.backends.torch import ops_cpu, sampler
-from dgrun.backends.torch.cache import SlotCache
+from dgrun.backends.torch.cache import SlotCache, view_size
 from dgrun.backends.torch.ops_cpu import gelu, rms_norm
 from dgrun.errors import DgrunError
 from dgrun.models.diffusion_gemma import ModelArgs, rope_inv_freq
-from dgrun.packed import QTensor
+from dgrun.packed import GGUF_PACKED, DevicePacked, QTensor
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "fp32": torch.float32}
-OPS = {"cpu": ops_cpu.OPS}
+
+
+def op_table(kind: str) -> dict:
+    """The op table of a backend kind: "cpu" (exact torch reference) or "cuda" (Triton kernels, imported here so
+    the cpu backend never imports triton)."""
+    if kind == "cuda":
+        from dgrun.backends.torch import ops_cuda
+
+        return ops_cuda.OPS
+    return ops_cpu.OPS
+
 ENCODE_CHUNK = 512  # prompt tokens per encoder pass: memory is chunk x context, not prompt^2
 
 
@@ -31,20 +44,31 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class TorchBackend:
-    def __init__(self, args: ModelArgs, weights: dict, dtype: str = "float32", device: str = "cpu"):
+    def __init__(self, args: ModelArgs, weights: dict, dtype: str = "float32", device: str = "cpu",
+                 ops: str = "cpu"):
         if dtype not in DTYPES:
-            raise DgrunError(f"unsupported dtype {dtype!r} for the {device} backend (float32 or bfloat16)")
-        self.name = device
+            raise DgrunError(f"unsupported dtype {dtype!r} for the {ops} backend (float32 or bfloat16)")
+        self.name = ops
         self.args = args
         self.dtype = DTYPES[dtype]
         self.device = torch.device(device)
-        self.ops = OPS[self.device.type]
+        self.ops = op_table(ops)
+        self.packed = ops == "cuda"  # GGUF block types stay packed on the device, read by the kernels
+        self.graphs = None
+        if self.device.type == "cuda" and os.environ.get("DGRUN_CUDA_GRAPHS", "1") != "0":
+            from dgrun.backends.torch.graphs import StepGraphs
+
+            self.graphs = StepGraphs(self)
         self.specs = args.layers
         self.w = {k: self._to_dtype(k, v) for k, v in weights.items()}
         self.inv_freq = [rope_inv_freq(s).to(self.device) for s in self.specs]
         self.embed_scale = torch.tensor(args.embed_scale).to(self.dtype).to(self.device)
 
-    def _to_dtype(self, name: str, t) -> torch.Tensor:
+    def _to_dtype(self, name: str, t):
+        if isinstance(t, DevicePacked):
+            return t if t.device == self.device else DevicePacked(t.data.to(self.device), t.qtype, t.shape)
+        if isinstance(t, QTensor) and self.packed and t.qtype in GGUF_PACKED:
+            return DevicePacked.upload(t, self.device)  # byte for byte, one tensor at a time from the map
         if isinstance(t, QTensor):
             t = t.dequantize()  # float32, one tensor at a time: the model is never held twice in float32
         elif not isinstance(t, torch.Tensor):
@@ -76,9 +100,30 @@ class TorchBackend:
     @torch.inference_mode()
     def step(self, state: sampler.State, cache: SlotCache) -> sampler.State:
         """One denoising step for every row: decoder, head, sampler and the next soft embedding."""
-        x = self._decode(state.canvas, state.soft, state.offset, state.slot.tolist(), cache)
+        if self.graphs is not None:
+            return self.graphs.step(state, cache)
+        return self.step_with(state, cache, self.static_view(state.slot.tolist(), cache))
+
+    def step_with(self, state: sampler.State, cache: SlotCache, static) -> sampler.State:
+        x = self._decode(state.canvas, state.soft, state.offset, state.slot.tolist(), cache, static)
         return self.ops["head_and_sample"](x, self.w["token_embd.weight"], self.args.final_logit_softcapping,
                                            state, self.embed_scale)
+
+    def static_view(self, slots: list[int], cache: SlotCache, lengths: torch.Tensor | None = None):
+        """For the cuda backend: (rows, size, lengths) of fixed-shape cache views (cache.static_view), after
+        zeroing what they show past the written entries; None for the cpu backend's exact host-sized views."""
+        if not self.packed:
+            return None
+        size = view_size(max(cache.lengths[s] for s in slots), cache.max_len)
+        cache.zero_past(slots, size)
+        first = slots[0]
+        rows = slice(first, first + len(slots)) if slots == list(range(first, first + len(slots))) else \
+            torch.tensor(slots, device=self.device)
+        host = torch.tensor([cache.lengths[s] for s in slots])
+        if lengths is None:
+            return rows, size, host.to(self.device)
+        lengths.copy_(host)  # a graph's own input buffer
+        return rows, size, lengths
 
     def done(self, state: sampler.State) -> list[bool]:
         return state.done.tolist()
@@ -107,7 +152,7 @@ class TorchBackend:
             probs = sc.softmax(-1, dtype=torch.float32).to(self.dtype)
             soft = self.ops["soft_embedding"](probs, self.w["token_embd.weight"], self.embed_scale)
         offset = torch.tensor([cache.lengths[s] for s in slots], device=self.device)
-        x = self._decode(canvas, soft, offset, slots, cache)
+        x = self._decode(canvas, soft, offset, slots, cache, self.static_view(slots, cache))
         logits = self.ops["linear"](x, self.w["token_embd.weight"]).float()
         cap = self.args.final_logit_softcapping
         logits = torch.tanh(logits / cap) * cap if cap else logits
@@ -116,7 +161,7 @@ class TorchBackend:
     # --- the forward ----------------------------------------------------------------------------
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.embedding(ids, self.w["token_embd.weight"]) * self.embed_scale
+        return self.ops["embed"](ids, self.w["token_embd.weight"], self.dtype) * self.embed_scale
 
     def _self_condition(self, x: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
         """A zero soft embedding adds exactly nothing (rms_norm(0) = gelu(0) = 0): a block's first step."""
@@ -132,12 +177,13 @@ class TorchBackend:
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
 
-    def _decode(self, canvas, soft, offset, slots: list[int], cache: SlotCache) -> torch.Tensor:
-        """(B, C) canvases attending to their slots' caches -> final-normed hidden states (B, C, hidden)."""
+    def _decode(self, canvas, soft, offset, slots: list[int], cache: SlotCache, static=None) -> torch.Tensor:
+        """(B, C) canvases attending to their slots' caches -> final-normed hidden states (B, C, hidden).
+        static: fixed-shape cache views (see static_view), or None."""
         x = self._self_condition(self._embed(canvas), soft)
         positions = offset[:, None] + torch.arange(canvas.shape[1], device=self.device)[None, :]
         for i in range(len(self.specs)):
-            x = self._block(i, x, positions, lambda h, i=i: self._attend_canvas(i, h, positions, slots, cache),
+            x = self._block(i, x, positions, lambda h, i=i: self._attend_canvas(i, h, positions, slots, cache, static),
                             encode=False)
         return rms_norm(x, self.w["output_norm.weight"], self.args.rms_norm_eps)
 
@@ -191,10 +237,10 @@ class TorchBackend:
         out = out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1)
         return self.ops["linear"](out, self.w[f"blk.{i}.attn_output.weight"])
 
-    def _attend_canvas(self, i, x, positions, slots, cache: SlotCache):
+    def _attend_canvas(self, i, x, positions, slots, cache: SlotCache, static=None):
         """Bidirectional: every canvas token sees its row's valid cache entries and the whole canvas."""
         q, k, v = self._qkv(i, x, positions)
-        k_cache, v_cache, valid = cache.view(i, slots)
+        k_cache, v_cache, valid = cache.view(i, slots) if static is None else cache.static_view(i, *static)
         mask = None
         if valid is not None:
             mask = torch.cat([valid, torch.ones(valid.shape[0], x.shape[1], dtype=torch.bool, device=self.device)],

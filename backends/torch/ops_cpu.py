@@ -25,6 +25,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     return out.type_as(x)
 
 
+def embed(ids: torch.Tensor, w: torch.Tensor, dtype) -> torch.Tensor:
+    """Rows of the embedding for token ids, in the activation dtype."""
+    return F.embedding(ids, w).to(dtype)
+
+
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return x @ w.T
 
@@ -79,5 +84,5 @@ def head_and_sample(x: torch.Tensor, embed: torch.Tensor, cap: float | None, sta
     return nxt
 
 
-OPS = {"linear": linear, "attention": attention, "moe": moe, "soft_embedding": soft_embedding,
+OPS = {"embed": embed, "linear": linear, "attention": attention, "moe": moe, "soft_embedding": soft_embedding,
        "head_and_sample": head_and_sample}

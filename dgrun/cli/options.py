@@ -42,7 +42,7 @@ Threads = Annotated[Optional[int], typer.Option(
     "--threads", "-t", metavar="N", min=1, help="CPU threads [1 for a model under 100M parameters, else the "
                                                "physical cores].")]
 Backend = Annotated[str, typer.Option(
-    "--backend", metavar="NAME", help="auto | cpu | mlx | cuda (auto: mlx on Apple silicon, else cpu) [auto].",
+    "--backend", metavar="NAME", help="auto | cpu | cuda | mlx (auto: cuda with an NVIDIA GPU, mlx on Apple silicon, else cpu) [auto].",
     show_default=False)]
 GpuLayers = Annotated[Optional[int], typer.Option(
     "--n-gpu-layers", "-ngl", metavar="N", help="llama.cpp's flag: N > 0 asks for the GPU backend (mlx on Apple "
