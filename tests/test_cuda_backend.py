@@ -99,24 +99,31 @@ def test_batched_steps_match_the_cpu_backend(files):
 def test_generation_matches_the_cpu_backend(files):
     cuda, cpu = both(files["mixed"])
     prompt = inputs(256, 12, 16, seed=3)[0][0].tolist()
-    knobs = dict(seed=3, steps=3, max_new_tokens=32)
+    knobs = dict(seed=3, steps=2, max_new_tokens=16)  # one block: prefill, two steps, no commit (interpreter time)
     assert cuda.generate(prompt, **knobs).ids == cpu.generate(prompt, **knobs).ids
 
 
-# bf16: the kernels accumulate in float32 like torch, but round in other places; measured on this test
-# (2026-12-02): relative RMS of the logit difference 0.004 and argmax agreement 1.0 against the cpu backend in
-# bf16 (which differs from float32 by about as much). Bound: 4x the RMS, agreement at most two tokens lower.
-BF16_RMS, BF16_AGREE = 0.016, 0.875
+# bf16 against float32, for the cuda kernels and for the cpu backend's own bf16, on the same bf16 checkpoint: on
+# this tiny random model bf16 rounding flips top-k routing decisions, so both err by 12-31% (relative RMS of the
+# logits) with argmax agreement 0.56-0.94 per seed. Measured 2026-12-02 over seeds 0-5: cpu bf16 mean RMS 0.202,
+# agreement 0.80; cuda bf16 0.196 and 0.79. Bound: the kernels' mean error at most 1.25x the cpu backend's, and
+# their agreement at most 0.08 lower (a broken bf16 kernel measured 5x, agreement 0.3).
+BF16_RATIO, BF16_AGREE_DROP = 1.25, 0.08
 
 
-def test_bf16_within_bound(ckpt_bf16):
+def test_bf16_within_the_cpu_backends_own_bf16_error(ckpt_bf16):
+    exact = dgrun.load(ckpt_bf16, backend="cpu", dtype="float32")
     cuda, cpu = both(ckpt_bf16, "bfloat16")
-    prompt, canvas = inputs(160, 24, 16, seed=4)
-    want = logits(cpu, prompt[0].tolist(), canvas[0])
-    got = logits(cuda, prompt[0].tolist(), canvas[0])
-    rms = ((got - want).pow(2).mean().sqrt() / want.pow(2).mean().sqrt()).item()
-    assert rms <= BF16_RMS
-    assert (got.argmax(-1) == want.argmax(-1)).float().mean().item() >= BF16_AGREE
+    rms, agree = {"cuda": 0.0, "cpu": 0.0}, {"cuda": 0.0, "cpu": 0.0}
+    for seed in range(6):
+        prompt, canvas = inputs(160, 24, 16, seed=seed)
+        want = logits(exact, prompt[0].tolist(), canvas[0])
+        for name, m in (("cuda", cuda), ("cpu", cpu)):
+            got = logits(m, prompt[0].tolist(), canvas[0])
+            rms[name] += ((got - want).pow(2).mean().sqrt() / want.pow(2).mean().sqrt()).item() / 6
+            agree[name] += (got.argmax(-1) == want.argmax(-1)).float().mean().item() / 6
+    assert rms["cuda"] <= BF16_RATIO * rms["cpu"]
+    assert agree["cuda"] >= agree["cpu"] - BF16_AGREE_DROP
 
 
 def test_cuda_without_a_gpu_is_one_line(ckpt_k, monkeypatch):
