@@ -65,7 +65,7 @@ def parse_spec(spec: str) -> tuple[ModelArgs, str]:
     arch, sep, mix = str(spec).partition(":")
     mixes = {m.lower(): m for m in MIXES}
     if not sep or arch.lower() not in ARCHES or mix.lower() not in mixes:
-        raise DgrunError(f"--random-weights takes ARCH:MIX with ARCH one of {', '.join(ARCHES)} and MIX one of "
+        raise DgrunError(f"random weights take ARCH:MIX with ARCH one of {', '.join(ARCHES)} and MIX one of "
                          f"{', '.join(MIXES)}, got {spec!r}")
     return ModelArgs(**ARCHES[arch.lower()]), mixes[mix.lower()]
 
