@@ -97,10 +97,25 @@ def copy_bandwidth(clock: str, nbytes: int | None = None, reps: int = 5) -> tupl
     return 2 * nbytes / best, nbytes
 
 
+def reset_peak(clock: str) -> None:
+    if clock == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    elif clock == "mlx":
+        import mlx.core as mx
+
+        mx.reset_peak_memory()
+
+
 def peak_memory(clock: str, rss0: int) -> int:
-    """Bytes: the allocator's peak on cuda, else the process's peak RSS growth since `rss0`."""
+    """Bytes: the allocator's peak since `reset_peak` on cuda and mlx (weights included), else the growth of the
+    process's peak RSS since `rss0` (0 when an earlier peak was higher: in a fresh `dgrun bench` process, the
+    weights, cache and activations)."""
     if clock == "cuda":
         return int(torch.cuda.max_memory_allocated())
+    if clock == "mlx":
+        import mlx.core as mx
+
+        return int(mx.get_peak_memory())
     return max(0, peak_rss() - rss0)
 
 
@@ -199,8 +214,7 @@ def measure(backend, prompt: int, batch: int, steps: int = 16, reps: int = 3, ad
     "step_ms_runs" the ms/step of each repetition (`add_roofline` reads them)."""
     clock = kind(backend)
     c = backend.args.canvas_length
-    if clock == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    reset_peak(clock)
     prompts = prompts_for(backend, prompt, batch, seed)
     cache = backend.new_cache(batch, prompt + c)
     one_block(backend, cache, prompts, WARMUP_STEPS, clock)
