@@ -170,10 +170,14 @@ def run_part(name: str) -> tuple[str, float, str]:
 
 
 def report(results: dict) -> str:
-    import triton
+    try:
+        import triton
 
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "absent"
     lines = [f"# dgrun --gpu-check · {torch.cuda.get_device_name()} · torch {torch.__version__} · triton "
-             f"{triton.__version__} · {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "",
+             f"{triton_version} · {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "",
              "| part | checks | status | seconds (budget) |", "|---|---|---|---|"]
     lines += [f"| {n} | {PARTS[n][1]} | {s} | {t:.0f} ({PARTS[n][0]}) |" for n, (s, t, _) in results.items()]
     for n, (_, _, text) in results.items():

@@ -189,3 +189,20 @@ def test_gpu_check_without_cuda():
     assert out.returncode == 2 and out.stdout == ""
     assert out.stderr.strip().splitlines() == [
         "dgrun: --gpu-check needs a CUDA GPU, and torch.cuda.is_available() is False here"]
+
+
+def test_gpu_check_report_and_exit_code(monkeypatch, capsys):
+    """The driver without a GPU: every part reported, a failed one makes the exit code 1."""
+    from dgrun import gpu_check
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "FakeGPU")
+    fake = {name: ("ok", 1.0, f"{name} output") for name in gpu_check.PARTS}
+    fake["graphs"] = ("FAIL", 2.0, "step 1: graphs on and off differ")
+    monkeypatch.setattr(gpu_check, "run_part", lambda name: fake[name])
+    assert gpu_check.main([]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("# dgrun --gpu-check · FakeGPU")
+    assert "| graphs | CUDA graphs on vs off | FAIL | 2 (45) |" in out
+    assert all(f"## {name}" in out for name in gpu_check.PARTS) and "graphs on and off differ" in out
+    assert sum(budget for budget, _ in gpu_check.PARTS.values()) <= 480  # under 8 minutes
