@@ -21,15 +21,14 @@ Timing: CUDA events and a synchronize on cuda, `time.perf_counter` elsewhere (th
 A warm-up repetition with WARMUP_STEPS steps runs first and is not counted; each figure is the mean and the
 sample standard deviation over the `reps` repetitions (each one: reset the slots, prefill, steps, commit).
 
-`python -m dgrun.bench --gpu-check` runs dgrun/gpu_check.py.
+The device probes (clocks, copy bandwidth, peak memory) are dgrun/bench_device.py; the reference comparison
+dgrun/bench_reference.py; the table, dgrun/cli/bench.py. `python -m dgrun.bench --gpu-check` runs dgrun/gpu_check.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import gc
-import platform
-import resource
 import statistics
 import sys
 import time
@@ -38,105 +37,13 @@ import numpy as np
 import torch
 
 from dgrun.backends.row import Row
+from dgrun.bench_device import copy_bandwidth, device_name, kind, peak_memory, peak_rss, reset_peak, timed
 from dgrun.errors import DgrunError
 from dgrun.generate import Request, SamplerConfig
 
 WARMUP_STEPS = 2
-COPY_BYTES = {"cuda": 1 << 30, "cpu": 256 << 20, "mlx": 256 << 20}  # the bandwidth probe's buffer
 ENCODER_ONLY = ("enc_layer_output_scale.weight",)  # tensors a denoising step does not read
 READ_TWICE = ("token_embd.weight",)  # the tied lm_head, then the self-conditioning product
-
-
-# --- clocks and the device ---------------------------------------------------------------------------------
-
-def kind(backend) -> str:
-    """"cuda", "mlx" or "cpu": which clock and memory counter fit this backend."""
-    if getattr(backend, "name", "") == "mlx":
-        return "mlx"
-    device = getattr(backend, "device", None)
-    return "cuda" if device is not None and torch.device(device).type == "cuda" else "cpu"
-
-
-def timed(fn, clock: str) -> float:
-    """Seconds `fn()` takes: CUDA events around it on cuda (then a synchronize), else the wall clock."""
-    if clock == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1000
-    t0 = time.perf_counter()
-    fn()
-    if clock == "mlx":
-        import mlx.core as mx
-
-        mx.synchronize()
-    return time.perf_counter() - t0
-
-
-def copy_bandwidth(clock: str, nbytes: int | None = None, reps: int = 5) -> tuple[float, int]:
-    """(bytes/s, buffer bytes): the best of `reps` device-to-device copies of one buffer, counting the bytes read
-    and the bytes written."""
-    nbytes = nbytes or COPY_BYTES[clock]
-    if clock == "mlx":
-        import mlx.core as mx
-
-        src = mx.zeros((nbytes // 4,), dtype=mx.float32)
-        mx.eval(src)
-        def copy():
-            mx.eval(src + 1)
-    else:
-        device = "cuda" if clock == "cuda" else "cpu"
-        src = torch.ones(nbytes, dtype=torch.uint8, device=device)
-        dst = torch.empty_like(src)
-        def copy():
-            dst.copy_(src)
-    copy()  # warm-up
-    best = min(timed(copy, clock) for _ in range(reps))
-    return 2 * nbytes / best, nbytes
-
-
-def reset_peak(clock: str) -> None:
-    if clock == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    elif clock == "mlx":
-        import mlx.core as mx
-
-        mx.reset_peak_memory()
-
-
-def peak_memory(clock: str, rss0: int) -> int:
-    """Bytes: the allocator's peak since `reset_peak` on cuda and mlx (weights included), else the growth of the
-    process's peak RSS since `rss0` (0 when an earlier peak was higher: in a fresh `dgrun bench` process, the
-    weights, cache and activations)."""
-    if clock == "cuda":
-        return int(torch.cuda.max_memory_allocated())
-    if clock == "mlx":
-        import mlx.core as mx
-
-        return int(mx.get_peak_memory())
-    return max(0, peak_rss() - rss0)
-
-
-def peak_rss() -> int:
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return r if sys.platform == "darwin" else r * 1024
-
-
-def device_name(clock: str) -> str:
-    if clock == "cuda":
-        return torch.cuda.get_device_name()
-    if clock == "mlx":
-        import mlx.core as mx
-
-        return f"mlx {mx.default_device()} ({platform.machine()})"
-    model = ""
-    try:
-        model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
-    except OSError:
-        pass
-    return f"cpu {model or platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
 # --- bytes a step reads --------------------------------------------------------------------------------------
@@ -245,6 +152,18 @@ def add_roofline(row: dict, read_bytes: int, bandwidth: float) -> dict:
 
 # --- the whole run -------------------------------------------------------------------------------------------
 
+def to_device(weights: dict, device) -> dict:
+    """For the cuda backend: QTensor (a GGUF's memory map) -> DevicePacked and tensors to `device`, one at a
+    time, so no whole-model host copy is made; DevicePacked stays as it is."""
+    from dgrun.packed import DevicePacked, QTensor
+
+    def one(v):
+        if isinstance(v, QTensor):
+            return DevicePacked.upload(v, device)
+        return v.to(device) if isinstance(v, torch.Tensor) else v
+    return {k: one(v) for k, v in weights.items()}
+
+
 def to_host(weights: dict) -> dict:
     """For backends that read host weights (cpu, mlx): DevicePacked -> QTensor, tensors to the CPU."""
     from dgrun.packed import DevicePacked, QTensor
@@ -257,12 +176,12 @@ def to_host(weights: dict) -> dict:
 
 
 def make_backend(name: str, args, weights: dict, dtype: str | None = None):
-    """The backend `name` over `weights`: on cuda as they are (DevicePacked / device tensors), else on the host."""
+    """The backend `name` over `weights`: on cuda as DevicePacked / device tensors, else on the host."""
     from dgrun.backends import create, pick
 
     name = pick(name)
     if name == "cuda":
-        return create(name, args, weights, dtype, device="cuda")
+        return create(name, args, to_device(weights, "cuda"), dtype, device="cuda")
     return create(name, args, to_host(weights), dtype)
 
 
@@ -322,6 +241,9 @@ def run(model=None, random_spec: str | None = None, backend: str = "auto", promp
         if clock == "cuda":
             torch.cuda.empty_cache()
         report["reference"] = compare(args, path, rows, clock, reps, seed)
+        for r, ref in zip(rows, report["reference"]["rows"]):
+            r["ref_ms_per_step"] = ref["ms_per_step"]
+            r["speedup"] = ref["ms_per_step"]["mean"] / r["ms_per_step"]["mean"]
     return report
 
 
@@ -331,42 +253,6 @@ def check_sizes(prompts, batches, steps: int, reps: int) -> None:
             raise DgrunError(f"{flag} takes positive integers, got {list(values)}")
     if steps < 1 or reps < 1:
         raise DgrunError(f"--steps and -r/--repetitions must be >= 1, got {steps} and {reps}")
-
-
-# --- output --------------------------------------------------------------------------------------------------
-
-COLUMNS = [("prompt", "prompt"), ("batch", "B"), ("steps", "steps"), ("prefill_tok_s", "prefill tok/s"),
-           ("ms_per_step", "ms/step"), ("ms_per_commit", "ms/commit"), ("tok_s", "tok/s"),
-           ("eff_tok_s", "eff. tok/s"), ("adaptive_steps", "steps (adaptive)"), ("peak_mem_mb", "peak MB"),
-           ("roofline", "roofline"), ("ref_ms_per_step", "transformers ms/step"), ("speedup", "speedup")]
-
-
-def cell(value) -> str:
-    if isinstance(value, dict):
-        return f"{fmt(value['mean'])} ± {fmt(value['sd'])}"
-    return fmt(value) if isinstance(value, float) else str(value)
-
-
-def fmt(x: float) -> str:
-    return f"{x:.3f}" if abs(x) < 10 else f"{x:.1f}" if abs(x) < 1000 else f"{x:,.0f}"
-
-
-def render(report: dict) -> str:
-    """The header lines and a markdown table, one row per configuration."""
-    rows = report["rows"]
-    for r, ref in zip(rows, report.get("reference", {}).get("rows", [])):
-        r["ref_ms_per_step"], r["speedup"] = ref["ms_per_step"], ref["ms_per_step"]["mean"] / r["ms_per_step"]["mean"]
-    cols = [(k, title) for k, title in COLUMNS if any(k in r for r in rows)]
-    lines = [f"dgrun bench · {report['device']} · backend {report['backend']} · weights: {report['weights']} · "
-             f"{report['date']}",
-             f"weights read per step: {report['step_bytes'] / 1e9:.3f} GB (every decoder weight once, all experts, "
-             f"the embedding twice) · copy bandwidth: {report['copy_bandwidth_gb_s']:.1f} GB/s (read + write, "
-             f"{report['copy_probe_mb']:.0f} MiB buffer) · canvas {report['canvas_length']}"]
-    if "reference" in report:
-        lines.append(f"transformers reference: {report['reference']['described']}")
-    lines += ["", "| " + " | ".join(t for _, t in cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(cell(r[k]) if k in r else "" for k, _ in cols) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -87,7 +87,8 @@ def step_fn(ref, prompt: torch.Tensor, canvas_length: int, steps: int):
 
 def compare(args, path, rows: list[dict], clock: str, reps: int, seed: int = 0) -> dict:
     """The reference's ms/step at each (prompt, batch) of `rows`, with the same random prompts."""
-    from dgrun.bench import mean_sd, timed
+    from dgrun.bench import mean_sd
+    from dgrun.bench_device import timed
 
     device = "cuda" if clock == "cuda" else "cpu"
     ref, how = build(args, path, device, torch.bfloat16 if device == "cuda" else torch.float32)

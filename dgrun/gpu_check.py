@@ -107,7 +107,8 @@ def part_parity() -> str:
 def graph_run(on: bool, args, weights, steps: int = 3):
     """The states after each of `steps` steps of two rows, with CUDA graphs on or off, and the ms of the last."""
     from dgrun.backends.row import Row
-    from dgrun.bench import make_backend, timed
+    from dgrun.bench import make_backend
+    from dgrun.bench_device import timed
     from dgrun.generate import SamplerConfig
 
     os.environ["DGRUN_CUDA_GRAPHS"] = "1" if on else "0"

@@ -48,6 +48,40 @@ def check_backend(name: str) -> str:
     return name
 
 
+# --- output --------------------------------------------------------------------------------------------------
+
+COLUMNS = [("prompt", "prompt"), ("batch", "B"), ("steps", "steps"), ("prefill_tok_s", "prefill tok/s"),
+           ("ms_per_step", "ms/step"), ("ms_per_commit", "ms/commit"), ("tok_s", "tok/s"),
+           ("eff_tok_s", "eff. tok/s"), ("adaptive_steps", "steps (adaptive)"), ("peak_mem_mb", "peak MB"),
+           ("roofline", "roofline"), ("ref_ms_per_step", "transformers ms/step"), ("speedup", "speedup")]
+
+
+def cell(value) -> str:
+    if isinstance(value, dict):
+        return f"{fmt(value['mean'])} ± {fmt(value['sd'])}"
+    return fmt(value) if isinstance(value, float) else str(value)
+
+
+def fmt(x: float) -> str:
+    return f"{x:.3f}" if abs(x) < 10 else f"{x:.1f}" if abs(x) < 1000 else f"{x:,.0f}"
+
+
+def render(report: dict) -> str:
+    """The header lines and a markdown table, one row per configuration."""
+    rows = report["rows"]
+    cols = [(k, title) for k, title in COLUMNS if any(k in r for r in rows)]
+    lines = [f"dgrun bench · {report['device']} · backend {report['backend']} · weights: {report['weights']} · "
+             f"{report['date']}",
+             f"weights read per step: {report['step_bytes'] / 1e9:.3f} GB (every decoder weight once, all experts, "
+             f"the embedding twice) · copy bandwidth: {report['copy_bandwidth_gb_s']:.1f} GB/s (read + write, "
+             f"{report['copy_probe_mb']:.0f} MiB buffer) · canvas {report['canvas_length']}"]
+    if "reference" in report:
+        lines.append(f"transformers reference: {report['reference']['described']}")
+    lines += ["", "| " + " | ".join(t for _, t in cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(cell(r[k]) if k in r else "" for k, _ in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
 @app.command(epilog=EXAMPLES, short_help="Measure prefill, step and commit speed (llama-bench style).")
 def bench(
     model: Annotated[Optional[str], typer.Option(
@@ -86,4 +120,4 @@ def bench(
         raise DgrunError("give -m/--model or --random-weights, not both")
     report = b.run(model, random_weights, backend, prompts, batches, steps, repetitions, adaptive,
                    against_transformers, dtype, threads=threads)
-    print(json.dumps(report) if as_json else b.render(report))
+    print(json.dumps(report) if as_json else render(report))
