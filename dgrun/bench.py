@@ -175,17 +175,19 @@ def to_host(weights: dict) -> dict:
     return {k: one(v) for k, v in weights.items()}
 
 
-def make_backend(name: str, args, weights: dict, dtype: str | None = None):
-    """The backend `name` over `weights`: on cuda as DevicePacked / device tensors, else on the host."""
+def make_backend(name: str, args, weights: dict, dtype: str | None = None, device: str | None = None):
+    """The backend `name` over `weights`: on cuda as DevicePacked / device tensors (on `device`: "cuda" by default,
+    "cpu" for the cuda backend's test mode under TRITON_INTERPRET=1), else on the host."""
     from dgrun.backends import create, pick
 
     name = pick(name)
     if name == "cuda":
-        return create(name, args, to_device(weights, "cuda"), dtype, device="cuda")
+        device = device or "cuda"
+        return create(name, args, to_device(weights, device), dtype, device=device)
     return create(name, args, to_host(weights), dtype)
 
 
-def load_weights(model: str | None, random_spec: str | None, backend: str):
+def load_weights(model: str | None, random_spec: str | None, backend: str, device: str | None = None):
     """(args, weights, description, path or None) for -m MODEL or --random-weights ARCH:MIX."""
     from dgrun.backends import pick
 
@@ -195,7 +197,7 @@ def load_weights(model: str | None, random_spec: str | None, backend: str):
         from dgrun.random_weights import parse_spec, random_weights
 
         args, mix = parse_spec(random_spec)
-        device = "cuda" if pick(backend) == "cuda" else "cpu"
+        device = (device or "cuda") if pick(backend) == "cuda" else "cpu"
         return args, random_weights(args, mix, device), f"random {random_spec} (speed does not depend on weight " \
             "values)", None
     from dgrun import checkpoint
@@ -206,8 +208,9 @@ def load_weights(model: str | None, random_spec: str | None, backend: str):
 
 def run(model=None, random_spec: str | None = None, backend: str = "auto", prompts=(512,), batches=(1,),
         steps: int = 16, reps: int = 3, adaptive: bool = False, against_transformers: bool = False,
-        dtype: str | None = None, seed: int = 0, threads: int | None = None) -> dict:
-    """Every (prompt, batch) configuration; returns the report (header fields and rows), as --json prints it."""
+        dtype: str | None = None, seed: int = 0, threads: int | None = None, device: str | None = None) -> dict:
+    """Every (prompt, batch) configuration; returns the report (header fields and rows), as --json prints it.
+    device: the cuda backend's torch device (default "cuda"; "cpu" is its test mode under TRITON_INTERPRET=1)."""
     from dgrun.backends import pick
     from dgrun.models.diffusion_gemma import n_params
     from dgrun.threads import set_threads
@@ -218,10 +221,10 @@ def run(model=None, random_spec: str | None = None, backend: str = "auto", promp
 
         require_transformers()
     rss0 = peak_rss()
-    args, weights, described, path = load_weights(model, random_spec, backend)
+    args, weights, described, path = load_weights(model, random_spec, backend, device)
     if pick(backend) == "cpu":
         set_threads(threads, n_params(args))
-    be = make_backend(backend, args, weights, dtype)
+    be = make_backend(backend, args, weights, dtype, device)
     clock = kind(be)
     read_bytes = step_bytes(getattr(be, "w", None) or weights)
     rows = [measure(be, p, b, steps, reps, adaptive, seed, rss0) for p in prompts for b in batches]
