@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from dgrun.backends.row import Row
-from dgrun.bench_device import copy_bandwidth, device_name, kind, peak_memory, peak_rss, reset_peak, timed
+from dgrun.bench_device import copy_bandwidth, device_name, kind, peak_memory, reset_peak, rss, timed
 from dgrun.errors import DgrunError
 from dgrun.generate import Request, SamplerConfig
 
@@ -224,7 +224,8 @@ def run(model=None, random_spec: str | None = None, backend: str = "auto", promp
         from dgrun.bench_reference import require_transformers
 
         require_transformers()
-    rss0 = peak_rss()
+    gc.collect()
+    rss0 = rss()
     args, weights, described, path = load_weights(model, random_spec, backend, device)
     if pick(backend) == "cpu":
         set_threads(threads, n_params(args))

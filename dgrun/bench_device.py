@@ -69,30 +69,40 @@ def copy_bandwidth(clock: str, nbytes: int | None = None, reps: int = 5) -> tupl
 
 
 def reset_peak(clock: str) -> None:
+    """Start a new peak: the allocator's on cuda and mlx, the process's resident high-water mark on Linux."""
     if clock == "cuda":
         torch.cuda.reset_peak_memory_stats()
     elif clock == "mlx":
         import mlx.core as mx
 
         mx.reset_peak_memory()
+    try:  # Linux >= 4.0: "5" resets VmHWM, the peak RSS (proc(5), /proc/pid/clear_refs)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
 
 
 def peak_memory(clock: str, rss0: int) -> int:
-    """Bytes: the allocator's peak since `reset_peak` on cuda and mlx (weights included), else the growth of the
-    process's peak RSS since `rss0` (0 when an earlier peak was higher: in a fresh `dgrun bench` process, the
-    weights, cache and activations)."""
+    """Bytes: the allocator's peak since `reset_peak` on cuda and mlx (weights included); on cpu the process's peak
+    RSS since `reset_peak` minus its RSS `rss0` when the bench started (before the weights were built)."""
     if clock == "cuda":
         return int(torch.cuda.max_memory_allocated())
     if clock == "mlx":
         import mlx.core as mx
 
         return int(mx.get_peak_memory())
-    return max(0, peak_rss() - rss0)
+    return max(0, rss("VmHWM") - rss0)
 
 
-def peak_rss() -> int:
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return r if sys.platform == "darwin" else r * 1024
+def rss(field: str = "VmRSS") -> int:
+    """The process's resident bytes now (VmRSS) or at its peak (VmHWM), from /proc; elsewhere ru_maxrss."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+    except (OSError, StopIteration):
+        r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return r if sys.platform == "darwin" else r * 1024
 
 
 def device_name(clock: str) -> str:
