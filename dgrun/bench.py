@@ -22,8 +22,8 @@ Timing: CUDA events and a synchronize on cuda, `time.perf_counter` elsewhere (th
 A warm-up repetition with WARMUP_STEPS steps runs first and is not counted; each figure is the mean and the
 sample standard deviation over the `reps` repetitions (each one: reset the slots, prefill, steps, commit).
 
-The device probes (clocks, copy bandwidth, peak memory) are dgrun/bench_device.py; the reference comparison
-dgrun/bench_reference.py; the table, dgrun/cli/bench.py. `python -m dgrun.bench --gpu-check` runs dgrun/gpu_check.py.
+The device probes (clocks, copy bandwidth, peak memory) are dgrun/bench_device.py; the weights and the backend
+over them dgrun/bench_weights.py; the reference comparison dgrun/bench_reference.py; the table, dgrun/cli/bench.py. `python -m dgrun.bench --gpu-check` runs dgrun/gpu_check.py.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ import torch
 
 from dgrun.backends.row import Row
 from dgrun.bench_device import copy_bandwidth, device_name, kind, peak_memory, reset_peak, rss, timed
+from dgrun.bench_weights import load_weights, make_backend
 from dgrun.errors import DgrunError
 from dgrun.generate import Request, SamplerConfig
 
@@ -156,60 +157,6 @@ def add_roofline(row: dict, read_bytes: int, bandwidth: float) -> dict:
 
 # --- the whole run -------------------------------------------------------------------------------------------
 
-def to_device(weights: dict, device) -> dict:
-    """For the cuda backend: QTensor (a GGUF's memory map) -> DevicePacked and tensors to `device`, one at a
-    time, so no whole-model host copy is made; DevicePacked stays as it is."""
-    from dgrun.packed import DevicePacked, QTensor
-
-    def one(v):
-        if isinstance(v, QTensor):
-            return DevicePacked.upload(v, device)
-        return v.to(device) if isinstance(v, torch.Tensor) else v
-    return {k: one(v) for k, v in weights.items()}
-
-
-def to_host(weights: dict) -> dict:
-    """For backends that read host weights (cpu, mlx): DevicePacked -> QTensor, tensors to the CPU."""
-    from dgrun.packed import DevicePacked, QTensor
-
-    def one(v):
-        if isinstance(v, DevicePacked):
-            return QTensor(v.data.cpu().numpy(), v.qtype, v.shape)
-        return v.cpu() if isinstance(v, torch.Tensor) else v
-    return {k: one(v) for k, v in weights.items()}
-
-
-def make_backend(name: str, args, weights: dict, dtype: str | None = None, device: str | None = None):
-    """The backend `name` over `weights`: on cuda as DevicePacked / device tensors (on `device`: "cuda" by default,
-    "cpu" for the cuda backend's test mode under TRITON_INTERPRET=1), else on the host."""
-    from dgrun.backends import create, pick
-
-    name = pick(name)
-    if name == "cuda":
-        device = device or "cuda"
-        return create(name, args, to_device(weights, device), dtype, device=device)
-    return create(name, args, to_host(weights), dtype)
-
-
-def load_weights(model: str | None, random_spec: str | None, backend: str, device: str | None = None):
-    """(args, weights, description, path or None) for -m MODEL or --random-weights ARCH:MIX."""
-    from dgrun.backends import pick
-
-    if model is not None and random_spec is not None:
-        raise DgrunError("give -m/--model or --random-weights, not both")
-    if random_spec is not None:
-        from dgrun.random_weights import parse_spec, random_weights
-
-        args, mix = parse_spec(random_spec)
-        device = (device or "cuda") if pick(backend) == "cuda" else "cpu"
-        return args, random_weights(args, mix, device), f"random {random_spec} (speed does not depend on weight " \
-            "values)", None
-    from dgrun import checkpoint
-
-    ckpt = checkpoint.load(model)
-    return ckpt.args, ckpt.weights, str(model), model
-
-
 def run(model=None, random_spec: str | None = None, backend: str = "auto", prompts=(512,), batches=(1,),
         steps: int = 16, reps: int = 3, adaptive: bool = False, against_transformers: bool = False,
         dtype: str | None = None, seed: int = 0, threads: int | None = None, device: str | None = None) -> dict:
@@ -248,10 +195,12 @@ def run(model=None, random_spec: str | None = None, backend: str = "auto", promp
         gc.collect()
         if clock == "cuda":
             torch.cuda.empty_cache()
-        report["reference"] = compare(args, path, rows, clock, reps, seed)
-        for r, ref in zip(rows, report["reference"]["rows"]):
-            r["ref_ms_per_step"] = ref["ms_per_step"]
-            r["speedup"] = ref["ms_per_step"]["mean"] / r["ms_per_step"]["mean"]
+        described, ref_ms = compare(args, path, rows, clock, reps, seed)
+        report["reference"] = {"described": described, "rows": []}
+        for r, ms in zip(rows, ref_ms):
+            r["ref_ms_per_step"], r["speedup"] = mean_sd(ms), statistics.fmean(ms) / r["ms_per_step"]["mean"]
+            report["reference"]["rows"].append({"prompt": r["prompt"], "batch": r["batch"],
+                                                "ms_per_step": r["ref_ms_per_step"]})
     return report
 
 

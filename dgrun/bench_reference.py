@@ -85,9 +85,9 @@ def step_fn(ref, prompt: torch.Tensor, canvas_length: int, steps: int):
     return step
 
 
-def compare(args, path, rows: list[dict], clock: str, reps: int, seed: int = 0) -> dict:
-    """The reference's ms/step at each (prompt, batch) of `rows`, with the same random prompts."""
-    from dgrun.bench import mean_sd
+def compare(args, path, rows: list[dict], clock: str, reps: int, seed: int = 0) -> tuple[str, list[list[float]]]:
+    """(how the reference was made, its ms/step per repetition at each (prompt, batch) of `rows`), with the same
+    random prompts as dgrun's."""
     from dgrun.bench_device import timed
 
     device = "cuda" if clock == "cuda" else "cpu"
@@ -99,8 +99,8 @@ def compare(args, path, rows: list[dict], clock: str, reps: int, seed: int = 0) 
                               device=device)
         step = step_fn(ref, prompt, args.canvas_length, r["steps"])
         step()  # warm-up
-        times = [timed(lambda: [step() for _ in range(REF_STEPS)], clock) / REF_STEPS * 1e3 for _ in range(reps)]
-        out.append({"prompt": r["prompt"], "batch": r["batch"], "ms_per_step": mean_sd(times)})
+        out.append([timed(lambda: [step() for _ in range(REF_STEPS)], clock) / REF_STEPS * 1e3 for _ in range(reps)])
+    import transformers
+
     dtype = "bf16" if device == "cuda" else "fp32"
-    return {"described": f"transformers {__import__('transformers').__version__}, {dtype}, {how}, {REF_STEPS} "
-                         "timed steps per repetition", "rows": out}
+    return f"transformers {transformers.__version__}, {dtype}, {how}, {REF_STEPS} timed steps per repetition", out

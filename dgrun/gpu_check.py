@@ -55,7 +55,7 @@ def part_kernels() -> str:
 
 def tiny_pair(mix: str):
     """(cpu backend, cuda backend) over the same random tiny weights: float32 both, dequantized on the CPU."""
-    from dgrun.bench import make_backend
+    from dgrun.bench_weights import make_backend
     from dgrun.random_weights import ARCHES, random_weights
     from dgrun.models.diffusion_gemma import ModelArgs
 
@@ -109,7 +109,7 @@ def graph_run(on: bool, args, weights, steps: int = 3):
     two over a second cache of other prompts in the same slots (a graph must follow the cache it is given); and
     the ms of the last step."""
     from dgrun.backends.row import Row
-    from dgrun.bench import make_backend
+    from dgrun.bench_weights import make_backend
     from dgrun.bench_device import timed
     from dgrun.generate import SamplerConfig
 

@@ -13,6 +13,7 @@ import torch
 from gguf import GGMLQuantizationType as QT
 
 from dgrun import bench
+from dgrun.bench_weights import make_backend
 from dgrun.cli import main
 from dgrun.models.diffusion_gemma import expected_shapes
 from dgrun.packed import DevicePacked
@@ -82,7 +83,7 @@ class Counting:
 
 @pytest.fixture(scope="module")
 def tiny_cpu():
-    return bench.make_backend("cpu", ARCH_TINY, random_weights(ARCH_TINY, "Q4_K_M"), "float32")
+    return make_backend("cpu", ARCH_TINY, random_weights(ARCH_TINY, "Q4_K_M"), "float32")
 
 
 def test_fixed_steps_ignore_done(tiny_cpu):
