@@ -1,19 +1,26 @@
 """Which GGUF type each tensor gets, for each `dgrun convert --to` target.
 
 The rules are llama.cpp's: convert_hf_to_gguf.py for the float and Q8_0 files, llama-quantize's Q4_K_M mix
-(src/llama-quant.cpp) for gguf-q4/q5/q6, including its shape fallbacks. Pure functions over names and shapes.
+(src/llama-quant.cpp) for gguf-q4/q5/q6, including its shape fallbacks. Pure functions over names and shapes; the
+per-tensor rule itself is models/quant_mix.py (the bench's random weights use it too), re-exported here.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import re
 from dataclasses import dataclass
 
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT
+from gguf import GGMLQuantizationType as QT
 
 from dgrun.errors import DgrunError
+from dgrun.models import quant_mix
+from dgrun.models.quant_mix import (K_FALLBACK, MixInfo, category, fallback, k_mix, keeps_float32, layer_of,
+                                    quantizable, use_more_bits)
 from dgrun.packed import GGUF_TYPES
+
+# Re-exported from models/quant_mix.py for convert/ and its tests.
+__all__ = ["K_FALLBACK", "MixInfo", "category", "fallback", "k_mix", "keeps_float32", "layer_of", "quantizable",
+           "use_more_bits", "Target", "TARGETS", "target", "target_name", "parse_overrides", "override_for", "choose"]
 
 
 @dataclass(frozen=True)
@@ -48,9 +55,6 @@ def target_name(to: str) -> str:
 # Types a --tensor-type override may name (the ones dgrun can write).
 OVERRIDE_TYPES = {t.name.lower(): t for t in GGUF_TYPES}
 
-# llama-quantize's fallback when a row is not a multiple of 256: a 32-block type of similar size.
-K_FALLBACK = {QT.Q4_K: QT.Q5_0, QT.Q5_K: QT.Q5_1, QT.Q6_K: QT.Q8_0}
-
 
 def target(name: str) -> Target:
     name = target_name(name)
@@ -71,77 +75,6 @@ def parse_overrides(specs) -> list[tuple[str, QT]]:
     return out
 
 
-def keeps_float32(name: str, ndim: int) -> bool:
-    """convert_hf_to_gguf's rule: 1-D tensors, norms, the router and non-`.weight` tensors (scales) stay F32."""
-    return ndim <= 1 or name.endswith("_norm.weight") or name.endswith("ffn_gate_inp.weight") \
-        or not name.endswith(".weight")
-
-
-def quantizable(name: str, ndim: int) -> bool:
-    """llama-quantize's rule (tensor_allows_quantization) for the tensors of this architecture."""
-    return ndim >= 2 and name.endswith("weight") and "_norm.weight" not in name and "ffn_gate_inp.weight" not in name
-
-
-def category(name: str) -> str:
-    """llama-quantize's tensor category, matched on substrings in its order."""
-    if name == "token_embd.weight":
-        return "token_embd"
-    for key, cat in (("attn_v.weight", "attn_v"), ("attn_k.weight", "attn_k"), ("attn_q.weight", "attn_q"),
-                     ("attn_output.weight", "attn_output"), ("ffn_up", "ffn_up"), ("ffn_gate", "ffn_gate"),
-                     ("ffn_down", "ffn_down")):
-        if key in name:
-            return cat
-    return "other"
-
-
-def use_more_bits(i: int, n: int) -> bool:
-    """The layers llama-quantize gives more bits to: the first and last eighth, and every third between."""
-    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
-
-
-def layer_of(name: str) -> int | None:
-    m = re.match(r"blk\.(\d+)\.", name)
-    return int(m.group(1)) if m else None
-
-
-@dataclass(frozen=True)
-class MixInfo:
-    """What the Q4_K_M choice needs beyond a tensor's own name and row length."""
-
-    n_layer: int
-    n_expert: int
-    attn_v_layers: tuple[int, ...]  # layers holding an attn_v, in order (llama-quantize counts them)
-
-
-def k_mix(name: str, ne0: int, info: MixInfo, base: QT = QT.Q4_K) -> QT:
-    """The Q4_K_M / Q5_K_M / Q6_K type (base Q4_K / Q5_K / Q6_K) before the shape fallback
-    (llama_tensor_get_type_impl for LLAMA_FTYPE_MOSTLY_Q4_K_M, _Q5_K_M, _Q6_K)."""
-    cat, t = category(name), base
-    if cat == "token_embd":  # embeddings are tied, so they get the output tensor's treatment
-        t = QT.Q8_0 if ne0 % 256 else QT.Q6_K
-    elif cat == "attn_v":
-        i = info.attn_v_layers.index(layer_of(name))
-        t = QT.Q6_K if use_more_bits(i, len(info.attn_v_layers)) else base
-        if info.n_expert == 8:
-            t = QT.Q8_0
-    elif cat == "attn_k" and info.n_expert == 8:
-        t = QT.Q8_0
-    elif cat == "ffn_down" and use_more_bits(layer_of(name), info.n_layer):
-        t = QT.Q6_K
-    elif cat == "attn_output" and info.n_expert == 8 and base == QT.Q4_K:
-        t = QT.Q5_K
-    return t
-
-
-def fallback(t: QT, ne0: int) -> QT:
-    """A type whose block divides the row: K-quants -> 32-blocks (llama-quantize), then F16."""
-    if ne0 % GGML_QUANT_SIZES[t][0]:
-        t = K_FALLBACK.get(t, QT.F16)
-        if ne0 % GGML_QUANT_SIZES[t][0]:
-            t = QT.F16
-    return t
-
-
 def override_for(name: str, overrides) -> tuple[str, QT] | None:
     return next(((g, t) for g, t in overrides if fnmatch.fnmatchcase(name, g)), None)
 
@@ -149,11 +82,5 @@ def override_for(name: str, overrides) -> tuple[str, QT] | None:
 def choose(name: str, shape: tuple[int, ...], source: QT | None, tgt: Target, info: MixInfo,
            overrides: list[tuple[str, QT]] = ()) -> QT:
     """The output type of one tensor. `source` is its GGUF type when requantizing, None from safetensors."""
-    ndim, ne0 = len(shape), shape[-1]
-    if not quantizable(name, ndim) or keeps_float32(name, ndim):
-        return QT.F32 if source is None else source  # llama-quantize leaves these as they are
-    if (hit := override_for(name, overrides)) is not None:
-        return fallback(hit[1], ne0)
-    if tgt.qtype in (QT.Q4_K, QT.Q5_K, QT.Q6_K):
-        return fallback(k_mix(name, ne0, info, tgt.qtype), ne0)
-    return fallback(tgt.qtype, ne0)  # F16/BF16 always fit; Q8_0 falls back to F16 as the converter does
+    hit = override_for(name, overrides)
+    return quant_mix.choose(name, shape, source, tgt.qtype, info, None if hit is None else hit[1])

@@ -24,6 +24,7 @@ from dgrun.errors import DgrunError
 from dgrun.cli import run  # noqa: E402,F401  (registers its verb on `app`)
 from dgrun.cli import convert, info  # noqa: E402,F401
 from dgrun.cli import chat, pull  # noqa: E402,F401
+from dgrun.cli import bench  # noqa: E402,F401
 
 
 def fail(message: str, code: int = 1) -> int:

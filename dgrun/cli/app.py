@@ -17,6 +17,7 @@ EPILOG = """Examples:
   dgrun run -m model.gguf --ids "2,651,1378" --steps 16 --json
   dgrun convert ./my-checkpoint --to Q4_K_M
   dgrun info model-Q4_K_M.gguf
+  dgrun bench --random-weights 26b-a4b:Q4_K_M --backend cuda -p 4096 -b 1,4
 """
 
 app = typer.Typer(
