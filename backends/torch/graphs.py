@@ -11,11 +11,13 @@ so states stay ordinary tensors the engine may take, cat and keep. The step neve
 prefill stay eager), and nothing in it reads the device back: the loop's one host read is the done vector.
 
 Graphs share one memory pool and are replayed one at a time; at most LIMIT are kept (least recently used
-first out). DGRUN_CUDA_GRAPHS=0 turns them off.
+first out). They read the cache they were captured with, so a step on another cache object drops them all.
+DGRUN_CUDA_GRAPHS=0 turns them off.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 from dataclasses import fields
 
@@ -61,8 +63,12 @@ class StepGraphs:
         self.backend = backend
         self.graphs: OrderedDict = OrderedDict()
         self.pool = None
+        self.cache = lambda: None  # a weak reference: the graphs never keep a cache alive
 
     def step(self, state: State, cache) -> State:
+        if self.cache() is not cache:  # captured addresses belong to another cache, maybe freed
+            self.graphs.clear()
+            self.cache = weakref.ref(cache)
         slots = state.slot.tolist()
         size = view_size(max(cache.lengths[s] for s in slots), cache.max_len)
         key = (tuple(slots), size, state.fixed is None, state.history.shape[0])
