@@ -68,6 +68,7 @@ class StepGraphs:
     def step(self, state: State, cache) -> State:
         if self.cache() is not cache:  # captured addresses belong to another cache, maybe freed
             self.graphs.clear()
+            self.pool = None
             self.cache = weakref.ref(cache)
         slots = state.slot.tolist()
         size = view_size(max(cache.lengths[s] for s in slots), cache.max_len)
