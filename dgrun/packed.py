@@ -15,9 +15,10 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT
 from dgrun.errors import DgrunError
 
 # GGUF block types dgrun reads and writes (ggml's legacy types and the K-quants of Q4_K_M-style mixes), each with
-# the backends that run it packed. mlx rewrites them as affine groups (Q6_K's 16-value sub-blocks fit none).
-GGUF_PACKED = {QT.Q8_0: ("mlx",), QT.Q4_0: ("mlx",), QT.Q4_1: ("mlx",), QT.Q5_0: ("mlx",), QT.Q5_1: ("mlx",),
-               QT.Q4_K: ("mlx",), QT.Q5_K: ("mlx",), QT.Q6_K: ()}
+# the backends that run it packed: cuda decodes every one in registers (kernels/dequant.py); mlx rewrites them as
+# affine groups (Q6_K's 16-value sub-blocks fit none); cpu dequantizes at load.
+GGUF_PACKED = {QT.Q8_0: ("cuda", "mlx"), QT.Q4_0: ("cuda", "mlx"), QT.Q4_1: ("cuda", "mlx"), QT.Q5_0: ("cuda", "mlx"),
+               QT.Q5_1: ("cuda", "mlx"), QT.Q4_K: ("cuda", "mlx"), QT.Q5_K: ("cuda", "mlx"), QT.Q6_K: ("cuda",)}
 GGUF_FLOAT = (QT.F32, QT.F16, QT.BF16)
 GGUF_TYPES = GGUF_FLOAT + tuple(GGUF_PACKED)  # every tensor type a DiffusionGemma GGUF may hold
 PACKED = frozenset(GGUF_PACKED)

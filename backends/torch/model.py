@@ -67,7 +67,7 @@ class TorchBackend:
     def _to_dtype(self, name: str, t):
         if isinstance(t, DevicePacked):
             return t if t.device == self.device else DevicePacked(t.data.to(self.device), t.qtype, t.shape)
-        if isinstance(t, QTensor) and self.packed and t.qtype in GGUF_PACKED:
+        if isinstance(t, QTensor) and self.name in GGUF_PACKED.get(t.qtype, ()):
             return DevicePacked.upload(t, self.device)  # byte for byte, one tensor at a time from the map
         if isinstance(t, QTensor):
             t = t.dequantize()  # float32, one tensor at a time: the model is never held twice in float32
