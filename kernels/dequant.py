@@ -273,7 +273,8 @@ def _decode_blocks(b: torch.Tensor, qtype: QT) -> torch.Tensor:
     if qtype in (QT.Q4_K, QT.Q5_K):
         sc, mn = _k_scales(b[..., 4:16])
         qs = b[..., 16:144] if qtype == QT.Q4_K else b[..., 48:176]
-        q = qs.reshape(*b.shape[:-1], 4, 1, 32) >> torch.tensor([0, 4], dtype=torch.uint8, device=b.device)[:, None]
+        # arange, not torch.tensor([0, 4]): a host-to-device copy is not allowed while a CUDA graph is captured
+        q = qs.reshape(*b.shape[:-1], 4, 1, 32) >> torch.arange(0, 8, 4, dtype=torch.uint8, device=b.device)[:, None]
         q = (q & 15).reshape(*b.shape[:-1], 8, 32)
         if qtype == QT.Q5_K:
             q = q | (_bits(b[..., 16:48], 1, 1) << 4)
@@ -289,7 +290,8 @@ def _decode_blocks(b: torch.Tensor, qtype: QT) -> torch.Tensor:
 
 
 def dequantize(w: DevicePacked | torch.Tensor) -> torch.Tensor:
-    """The plain-torch twin of `dequant`: the whole weight as float32 of its element shape, on its device."""
+    """The plain-torch twin of `dequant`: the whole weight as float32 of its element shape, on its device.
+    Shape-static torch ops only (no host read, no host-to-device copy), so `rows` can sit in a CUDA graph."""
     if not isinstance(w, DevicePacked):
         return w.float()
     qtype = QT(w.qtype)

@@ -231,6 +231,8 @@ def qmatmul(x: torch.Tensor, w: DevicePacked | torch.Tensor, *, out: torch.Tenso
     if len(w.shape) != 2 or x.shape[-1] != k:
         raise ValueError(f"qmatmul: x {tuple(x.shape)} by W {tuple(w.shape)}")
     qtype = qtype_id(w)
+    if _ptr(w).numel() >= 2**31 or x.numel() >= 2**31:
+        raise ValueError("qmatmul: offsets are int32; split tensors of 2**31 elements or more")
     if k % CHUNK[qtype]:
         raise ValueError(f"qmatmul: K = {k} is not a multiple of {CHUNK[qtype]}")
     x2 = x.reshape(-1, k)
