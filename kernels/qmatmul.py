@@ -224,9 +224,10 @@ CHUNK = {0: 32, 1: 32, 30: 32, 2: 32, 3: 32, 6: 32, 7: 32, 8: 32, 12: 64, 13: 64
 
 
 def qmatmul(x: torch.Tensor, w: DevicePacked | torch.Tensor, *, out: torch.Tensor | None = None,
-            precision: str = "tf32x3") -> torch.Tensor:
+            precision: str = "tf32x3", config: dict | None = None) -> torch.Tensor:
     """x (..., K) @ w.T -> (..., N) in x's dtype, W packed (N, K) or a float tensor (N, K). No host read and
-    no data-dependent allocation: capturable in a CUDA graph. `precision` applies to float32 x only."""
+    no data-dependent allocation: capturable in a CUDA graph. `precision` applies to float32 x only; `config`
+    (BLOCK_M, BLOCK_N, num_warps, num_stages) overrides `blocks(M)`, for a benchmark to sweep tiles on a GPU."""
     n, k = w.shape[-2], w.shape[-1]
     if len(w.shape) != 2 or x.shape[-1] != k:
         raise ValueError(f"qmatmul: x {tuple(x.shape)} by W {tuple(w.shape)}")
@@ -241,7 +242,7 @@ def qmatmul(x: torch.Tensor, w: DevicePacked | torch.Tensor, *, out: torch.Tenso
     m = x2.shape[0]
     y = out if out is not None else torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
     y2 = y.view(m, n)
-    cfg = blocks(m)
+    cfg = {**blocks(m), **(config or {})}
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
     qmatmul_kernel[grid](x2, _ptr(w), y2, m, n, k, x2.stride(0), y2.stride(0), row_stride(w),
                          QTYPE=qtype, GROUP_M=8, DOT_PRECISION=precision if x.dtype == torch.float32 else "ieee",
@@ -270,10 +271,12 @@ def _entry(qtype: int, x: str, m: int, precision: str = "ieee", aligned_rows: bo
 
 
 def AOT():
-    """bf16 activations at the step's M (256) for every type, with W's row alignment as DiffusionGemma's shapes
-    give it; the large-M tile (prefill) and float32 x for the types published files use most."""
+    """bf16 activations (the cuda backend's dtype) at the step's M (256) for every type, with W's row alignment
+    as DiffusionGemma's shapes give it; the large-M tile (prefill), the small ones (short prompts) and float32 x
+    for the types published files use most."""
     out = [_entry(q, "*bf16", 256) for q in (8, 2, 3, 6, 7, 12, 13, 30, 1, 0)]
     out += [_entry(q, "*bf16", 256, aligned_rows=False) for q in (8, 6, 14)]
     out += [_entry(12, "*bf16", 2048), _entry(14, "*bf16", 2048, aligned_rows=False)]
+    out += [_entry(12, "*bf16", 16), _entry(8, "*bf16", 32, aligned_rows=False)]  # short prompts
     out += [_entry(q, "*fp32", 256, "tf32x3") for q in (12, 8)]
     return out
