@@ -50,7 +50,8 @@ import torch
 import triton
 import triton.language as tl
 
-from dgrun.kernels.dequant import _byte, _f16, _k_scale_min, _ptr, mma, qtype_id, row_stride
+from dgrun.kernels.dequant import (_byte, _f16, _i8_to_f32, _k_scale_min, _ptr, _small_int_to_f32, mma, qtype_id,
+                                   row_stride)
 from dgrun.packed import DevicePacked
 
 
@@ -99,7 +100,7 @@ def dot_packed(acc, x_ptr, x_rows, x_mask, w_ptr, w_rows, K, QTYPE: tl.constexpr
             acc = _dot_piece(acc, x_ptr, x_rows, x_mask, k, w, 32, DOT_PRECISION)
         elif QTYPE == 8:  # Q8_0
             base = w_ptr + (k // 32) * 34
-            q = tl.load(base + (w_rows + 2 + a32)).to(tl.int8, bitcast=True).to(tl.float32)
+            q = _i8_to_f32(_byte(base + (w_rows + 2 + a32)))
             acc = _dot_piece(acc, x_ptr, x_rows, x_mask, k, _f16(base + w_rows) * q, 32, DOT_PRECISION)
         elif QTYPE == 2 or QTYPE == 3 or QTYPE == 6 or QTYPE == 7:  # Q4_0, Q4_1, Q5_0, Q5_1
             if QTYPE == 2:
@@ -127,12 +128,12 @@ def dot_packed(acc, x_ptr, x_rows, x_mask, w_ptr, w_rows, K, QTYPE: tl.constexpr
             d = _f16(blk)
             if QTYPE == 2 or QTYPE == 6:
                 ZERO: tl.constexpr = 8 if QTYPE == 2 else 16
-                w_lo = d * (lo - ZERO).to(tl.float32)
-                w_hi = d * (hi - ZERO).to(tl.float32)
+                w_lo = d * _small_int_to_f32(lo, ZERO)
+                w_hi = d * _small_int_to_f32(hi, ZERO)
             else:
                 m = _f16(blk + 2)
-                w_lo = d * lo.to(tl.float32) + m
-                w_hi = d * hi.to(tl.float32) + m
+                w_lo = d * _small_int_to_f32(lo) + m
+                w_hi = d * _small_int_to_f32(hi) + m
             acc = _dot_piece(acc, x_ptr, x_rows, x_mask, k, w_lo, 16, DOT_PRECISION)
             acc = _dot_piece(acc, x_ptr, x_rows, x_mask, k + 16, w_hi, 16, DOT_PRECISION)
         elif QTYPE == 12 or QTYPE == 13:  # Q4_K, Q5_K: a 64-element chunk = sub-blocks 2c and 2c + 1
@@ -152,8 +153,8 @@ def dot_packed(acc, x_ptr, x_rows, x_mask, w_ptr, w_rows, K, QTYPE: tl.constexpr
                 qh = _byte(base + (w_rows + 16 + a32))
                 lo = lo | (((qh >> (2 * c)) & 1) << 4)
                 hi = hi | (((qh >> (2 * c + 1)) & 1) << 4)
-            w_lo = (d * sc0) * lo.to(tl.float32) - dmin * m0
-            w_hi = (d * sc1) * hi.to(tl.float32) - dmin * m1
+            w_lo = (d * sc0) * _small_int_to_f32(lo) - dmin * m0
+            w_hi = (d * sc1) * _small_int_to_f32(hi) - dmin * m1
             acc = _dot_piece(acc, x_ptr, x_rows, x_mask, k, w_lo, 32, DOT_PRECISION)
             acc = _dot_piece(acc, x_ptr, x_rows, x_mask, k + 32, w_hi, 32, DOT_PRECISION)
         else:  # Q6_K: a 128-element half of a super-block, in 4 quarters of 32
@@ -172,9 +173,8 @@ def dot_packed(acc, x_ptr, x_rows, x_mask, w_ptr, w_rows, K, QTYPE: tl.constexpr
                 else:
                     ql = ql1
                 q = ((ql >> (4 * (g // 2))) & 15) | (((qh >> (2 * g)) & 3) << 4)
-                sc = tl.where(first, tl.load(s + 2 * g).to(tl.int8, bitcast=True).to(tl.float32),
-                              tl.load(s + 2 * g + 1).to(tl.int8, bitcast=True).to(tl.float32))
-                w = (d * sc) * (q - 32).to(tl.float32)
+                sc = tl.where(first, _i8_to_f32(_byte(s + 2 * g)), _i8_to_f32(_byte(s + 2 * g + 1)))
+                w = (d * sc) * _small_int_to_f32(q, 32)
                 acc = _dot_piece(acc, x_ptr, x_rows, x_mask, k + 32 * g, w, 32, DOT_PRECISION)
     return acc
 
