@@ -26,10 +26,11 @@ F32/F16    32     the stored values
 BF16
 =========  =====  ====================================================================================
 
-Each row's scales are loaded once per piece, so a weight costs about a byte load (shared by two for 4-bit types),
-a shift/mask, a convert and a multiply-add before it reaches `tl.dot`. The pieces of one chunk multiply the
+Each row's scales are loaded once per piece, so a weight costs a share of a vector byte load, a shift/mask, an
+exact int-to-float through the exponent bits (`dequant._small_int_to_f32`: NVIDIA's I2F runs at a quarter of the
+FMA rate), a multiply-add and half a bf16 pack before it reaches `tl.dot`. The pieces of one chunk multiply the
 matching column slices of x, so no decoded tile is ever reshuffled. `dot_packed` is that loop on its own, over row
-pointers of x and row indices of W, so the MoE kernel can call it with gathered tokens and expert rows.
+offsets of x and of W, so the MoE and head kernels can call it with gathered tokens and expert or vocabulary rows.
 
 Precision and blocks
 --------------------
@@ -38,10 +39,13 @@ float32, and y comes out in x's dtype. For float32 x the product's input precisi
 "tf32x3" (the default: float32-grade accuracy from three tf32 products) or "tf32" (fastest, ~1e-3 relative).
 The twin is `ops_cpu.linear(x, dequantize(W).to(x.dtype))`.
 
-Block sizes follow M (rows of x): the step's M is B * 256, prefill's up to 2,048, commit's 256. BLOCK_M = 16 for
-M <= 16 (tl.dot's minimum), 32 up to 32, then 64; BLOCK_N = 64, or 128 from M > 256 where the larger tile halves
-how often each weight is decoded again. Programs are ordered in GROUP_M bands (tutorial 03) so neighbours share W
-in L2. K must be a multiple of the chunk (every GGUF row is a whole number of blocks; float rows a multiple of 32).
+Block sizes follow M (rows of x): the step's M is B * 256, commit's 256, prefill's up to 2,048. BLOCK_N = 64;
+BLOCK_M = 16 for M <= 16 (tl.dot's minimum), 32 up to 32, 64 up to 256 (4 warps: at M = 256 and N = 2,816, 176
+programs for 132 SMs), then 128 (8 warps), which halves how often each weight is decoded again. Every M-tile
+decodes its W tiles anew, so decode work scales with M / BLOCK_M: the trade against filling the SMs is for a GPU
+benchmark to settle (`qmatmul(..., config=...)`). Programs are ordered in GROUP_M bands (tutorial 03) so neighbours
+share W in L2. K must be a multiple of the chunk (every GGUF row is a whole number of blocks; float rows a multiple
+of 32).
 """
 
 from __future__ import annotations
@@ -72,7 +76,8 @@ def dot_packed(acc, x_ptr, x_rows, x_mask, w_ptr, w_rows, K, QTYPE: tl.constexpr
 
     x_rows: (BLOCK_M, 1) int32 offsets (elements) of x's rows from x_ptr, each K contiguous elements; x_mask
     (BLOCK_M, 1). w_rows: (BLOCK_N, 1) int32 offsets of W's rows from w_ptr (bytes; elements for float W), all
-    in range (clamp the row indices). K is a multiple of the type's chunk. Offsets are int32 because 64-bit
+    in range (clamp the row indices) and whole numbers of blocks (row * row_stride, with expert e of a stack at
+    row e * N + n). K is a multiple of the type's chunk. Offsets are int32 because 64-bit
     pointer tiles, live across the loop, cost registers: every DiffusionGemma tensor is under 2**31 bytes."""
     a16 = tl.arange(0, 16)[None, :]
     a32 = tl.arange(0, 32)[None, :]
