@@ -197,8 +197,8 @@ def qmatmul_kernel(x_ptr, w_ptr, y_ptr,  # pointers
                    DOT_PRECISION: tl.constexpr):
     """y (M, N) = x (M, K) @ W (N, K).T, one (BLOCK_M, BLOCK_N) tile per program."""
     pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
+    num_m = (M + BLOCK_M - 1) // BLOCK_M  # not tl.cdiv: a library @jit, which the interpreter cannot call if
+    num_n = (N + BLOCK_N - 1) // BLOCK_N  # triton was imported before TRITON_INTERPRET was set
     group = pid // (GROUP_M * num_n)
     first_m = group * GROUP_M
     group_m = min(num_m - first_m, GROUP_M)
@@ -207,7 +207,7 @@ def qmatmul_kernel(x_ptr, w_ptr, y_ptr,  # pointers
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)  # tl.zeros, like tl.cdiv, is a library @jit (see above)
     acc = dot_packed(acc, x_ptr, offs_m[:, None] * stride_xm, offs_m[:, None] < M,
                      w_ptr, tl.minimum(offs_n, N - 1)[:, None] * row_stride, K, QTYPE, DOT_PRECISION)
 
