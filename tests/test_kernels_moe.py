@@ -1,0 +1,192 @@
+"""kernels/moe.py under TRITON_INTERPRET=1 on CPU: `align` against a plain-Python reference, and `moe` on expert
+stacks of every weight type against ops_cpu.moe (the exact reference) on the dequantized stacks."""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # read when a kernel is decorated: before dgrun.kernels is imported
+
+from types import SimpleNamespace  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from gguf import GGMLQuantizationType as QT  # noqa: E402
+
+pytest.importorskip("triton")
+
+from dgrun.backends.torch import ops_cpu  # noqa: E402
+from dgrun.kernels import moe as km  # noqa: E402
+from dgrun.kernels.dequant import dequantize  # noqa: E402
+from dgrun.packed import DevicePacked  # noqa: E402
+from kernel_weights import ALL, weight  # noqa: E402
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Triton 3.9's interpreter gets bf16 wrong in two ways the GPU does not (it stores bf16 as uint16 in numpy):
+# tl.dot multiplies the raw uint16 bit patterns, and an fp32 -> bf16 cast truncates where the GPU's
+# cvt.rn rounds to nearest even. The bf16 tests patch both to the GPU's semantics.
+# ----------------------------------------------------------------------------------------------------------
+
+def _bf16_as_f32(u16: np.ndarray) -> np.ndarray:
+    return (u16.astype(np.uint32) << 16).view(np.float32)
+
+
+def _f32_as_bf16(f32: np.ndarray) -> np.ndarray:
+    bits = np.ascontiguousarray(f32, dtype=np.float32).view(np.uint32)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)  # round to nearest even
+
+
+@pytest.fixture
+def bf16_interpreter(monkeypatch):
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    dot, cast = builder.create_dot, builder.cast_impl
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if a.dtype.scalar == tl.bfloat16:
+            a = interpreter.TensorHandle(_bf16_as_f32(a.data), tl.float32)
+        if b.dtype.scalar == tl.bfloat16:
+            b = interpreter.TensorHandle(_bf16_as_f32(b.data), tl.float32)
+        return dot(self, a, b, d, input_precision, max_num_imprecise_acc)
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            return interpreter.TensorHandle(_f32_as_bf16(src.data), tl.bfloat16)
+        return cast(self, src, dst_type)
+
+    monkeypatch.setattr(builder, "create_dot", create_dot)
+    monkeypatch.setattr(builder, "cast_impl", cast_impl)
+
+
+B = "blk.0."
+H = 256
+K_QUANTS = (QT.Q4_K, QT.Q5_K, QT.Q6_K)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# align
+# ----------------------------------------------------------------------------------------------------------
+
+def align_reference(topk_ids: list[list[int]], num_experts: int, block: int):
+    """Plain Python: each expert's slots in slot order, padded with the sentinel to a multiple of `block`."""
+    flat = [e for row in topk_ids for e in row]
+    sentinel = len(flat)
+    ids, experts = [], []
+    for e in range(num_experts):
+        run = [s for s, x in enumerate(flat) if x == e]
+        run += [sentinel] * (-len(run) % block)
+        ids += run
+        experts += [e] * (len(run) // block)
+    return ids, experts, len(ids)
+
+
+@pytest.mark.parametrize("block", [16, 64])
+@pytest.mark.parametrize("case", ["random", "skewed", "one_token"])
+def test_align_matches_python(case, block):
+    g = torch.Generator().manual_seed(7)
+    E, k = 8, 2
+    if case == "random":
+        topk = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(37)])
+    elif case == "skewed":  # expert 3 in every token (> block slots when block = 16), experts 5..7 never
+        topk = torch.stack([torch.tensor([3, int(torch.randint(0, 3, (1,), generator=g))]) for _ in range(70)])
+    else:
+        topk = torch.tensor([[6, 1]])
+    sorted_ids, expert_of_block, num_padded = km.align(topk, E, block)
+    ids, experts, n = align_reference(topk.tolist(), E, block)
+
+    assert num_padded.shape == (1,) and int(num_padded) == n
+    assert sorted_ids.dtype == expert_of_block.dtype == torch.int32
+    assert sorted_ids.numel() == km.padded_length(topk.numel(), E, block) >= n  # static: from T, k, E only
+    assert sorted_ids[:n].tolist() == ids
+    assert (sorted_ids[n:] == topk.numel()).all()
+    assert expert_of_block.numel() == sorted_ids.numel() // block
+    assert expert_of_block[:n // block].tolist() == experts
+    assert ((expert_of_block >= 0) & (expert_of_block < E)).all()
+
+
+def test_align_shapes_do_not_depend_on_routing():
+    a = km.align(torch.tensor([[0, 1], [2, 3], [4, 5]]), 8, 16)
+    b = km.align(torch.tensor([[0, 1], [0, 1], [0, 1]]), 8, 16)
+    assert [t.shape for t in a] == [t.shape for t in b]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# moe against ops_cpu.moe
+# ----------------------------------------------------------------------------------------------------------
+
+def layer(qtype, E, I, seed=0, skew=False):
+    """One MoE layer's weights: float router, stacks of `qtype`. `skew`: every token's top expert is 0 and
+    experts E-3.. are never picked."""
+    g = torch.Generator().manual_seed(seed)
+    router = torch.randn(E, H, generator=g) * 0.5
+    if skew:
+        router[0] = 0.5
+        router[E - 3:] = -0.5
+    return {B + "ffn_gate_inp.weight": router,
+            B + "ffn_gate_inp.scale": 1 + 0.1 * torch.randn(H, generator=g),
+            B + "ffn_down_exps.scale": 1 + 0.1 * torch.randn(E, generator=g),
+            B + "ffn_gate_up_exps.weight": weight((E, 2 * I, H), qtype, seed=seed + 1, scale=0.1),
+            B + "ffn_down_exps.weight": weight((E, H, I), qtype, seed=seed + 2, scale=0.1)}
+
+
+def inputs(T, dtype, seed=0, skew=False):
+    g = torch.Generator().manual_seed(seed + 100)
+    x_route = torch.randn(T, H, generator=g)
+    if skew:  # close to the all-ones direction the skewed router favours
+        x_route = 1 + 0.1 * x_route
+    return x_route.to(dtype), torch.randn(T, H, generator=g).to(dtype)
+
+
+def in_dtype(w: dict, dtype) -> dict:
+    """Float tensors in the activations' dtype, as a checkpoint of that dtype holds them; packed stacks as is."""
+    return {n: v if isinstance(v, DevicePacked) else v.to(dtype) for n, v in w.items()}
+
+
+def check(qtype, dtype, T, E, k, I, seed=0, skew=False):
+    args = SimpleNamespace(hidden_size=H, rms_norm_eps=1e-6, num_experts=E, top_k_experts=k)
+    w = in_dtype(layer(qtype, E, I, seed, skew), dtype)
+    x_route, x = inputs(T, dtype, seed, skew)
+    ref_w = dict(w)
+    for name in ("ffn_gate_up_exps.weight", "ffn_down_exps.weight"):
+        ref_w[B + name] = dequantize(w[B + name]).to(dtype)
+    ref = ops_cpu.moe(x_route, x, ref_w, B, args)
+    got = km.moe(x_route, x, w, B, args)
+    assert got.dtype == ref.dtype and got.shape == ref.shape
+    scale = ref.abs().max().item()
+    tol = 1e-4 if dtype == torch.float32 else 2e-2  # bf16: a one-ulp rounding flip of an intermediate
+    torch.testing.assert_close(got.float(), ref.float(), rtol=tol, atol=tol * scale)
+    return km.route(x_route, w, B, args)[1]
+
+
+@pytest.mark.parametrize("qtype", ALL, ids=lambda q: q.name)
+def test_moe_fp32_every_type(qtype):
+    check(qtype, torch.float32, T=6, E=4, k=2, I=256 if qtype in K_QUANTS else 64)
+
+
+@pytest.mark.parametrize("qtype", [QT.Q4_K, QT.Q5_0, QT.Q8_0, QT.BF16], ids=lambda q: q.name)
+def test_moe_bf16(qtype, bf16_interpreter):
+    check(qtype, torch.bfloat16, T=6, E=4, k=2, I=256 if qtype in K_QUANTS else 64, seed=1)
+
+
+def test_moe_empty_experts_and_an_expert_over_block_m():
+    T, E, k = 20, 8, 2  # 40 slots <= 8 * E: BLOCK_M = 16, and expert 0 takes all 20 tokens
+    assert km.block_m(T * k, E) == 16
+    top_i = check(QT.Q4_0, torch.float32, T=T, E=E, k=k, I=64, seed=2, skew=True)
+    counts = torch.bincount(top_i.reshape(-1), minlength=E)
+    assert counts[0] == T > 16 and (counts[E - 3:] == 0).all()
+
+
+def test_moe_large_block_m():
+    T, E, k = 40, 4, 2  # 80 slots > 8 * E: BLOCK_M = 64
+    assert km.block_m(T * k, E) == 64
+    check(QT.Q6_K, torch.float32, T=T, E=E, k=k, I=256, seed=3)
+
+
+def test_twin_is_the_reference_on_dequantized_stacks():
+    args = SimpleNamespace(hidden_size=H, rms_norm_eps=1e-6, num_experts=4, top_k_experts=2)
+    w = layer(QT.Q5_1, 4, 64, seed=4)
+    x_route, x = inputs(6, torch.float32, seed=4)
+    torch.testing.assert_close(km.twin(x_route, x, w, B, args), km.moe(x_route, x, w, B, args),
+                               rtol=1e-4, atol=1e-4 * km.twin(x_route, x, w, B, args).abs().max().item())
