@@ -40,15 +40,26 @@ Grid order. ``program_id(0)`` runs over the blocks and is the fastest-varying in
 programs that read the same expert's weight tile (its consecutive blocks, same N tile) run side by side and
 share it through L2, while the x rows are re-read once per N tile (they are small).
 
-Block sizes (a reasoned choice, not a measured one: this project has not timed these kernels on a GPU):
+Block sizes (chosen from the compiler's register report, not from timings: this project has not run these
+kernels on a GPU). Each program decodes its weight tile element by element, and every element keeps its own byte
+loads in flight, so the decoded tile per K step is what fills the registers (with ``num_warps = 4``):
 
-* ``BLOCK_N = 64`` output columns and ``BLOCK_K = 64`` per K step for both kernels: I = 704 and H = 2816 of
-  DiffusionGemma 26B-A4B are multiples of 64, and 64 divides every packed block size (32 or 256 elements),
-  so a K step never splits a quant block's scale between programs needlessly.
+* gate_up decodes two tiles per K step (gate and up): ``BLOCK_N = 32`` columns of each, ``BLOCK_K = 32``.
+  Wider tiles spill on sm_90 (a 64 x 64 pair: over 1 KB of spills per thread for Q4_K).
+* down decodes one: ``BLOCK_N = 64``, ``BLOCK_K = 16`` (the same 1024 elements; wider N halves how often the
+  intermediate rows are re-read, once per N tile, from L2).
+* The software pipeline is off (``num_stages = 1`` on the K loop): the weight loads are gathers that the
+  pipeliner would only hold in more registers.
 * ``BLOCK_M`` (``block_m``) from the mean slots per expert T*k / E: 16 when it is at most 8 (the tokens spread
   thin: a 16-row tile pads least, and few experts exceed 16 slots), else 64 (a 256-token step at top-8 over
   128 experts gives 16 per expert: one 64-row block per expert decodes its weights once, where 16-row blocks
-  would decode most experts twice; the padded MMA rows cost far less than the element-wise decode).
+  would decode most experts twice; the padded MMA rows cost far less than the element-wise decode, and padded
+  rows are masked loads that move no bytes). float32 x always takes 16: its exact-product ``tl.dot`` runs
+  without tensor cores and a 64-row tile spills; float32 is the parity path, not the fast one.
+
+All of 16, 32 and 64 divide the 32- and 256-element quant blocks, and DiffusionGemma 26B-A4B's I = 704 and
+H = 2816 are multiples of 64: no K step or N tile is ragged there (ragged edges elsewhere are clamped and
+masked).
 
 Rounding follows the reference in the activations' dtype: gate and up are rounded to x's dtype before the
 epilogue, ``gelu(gate)`` and the product too, the down output before the float32 routing weight, and the
@@ -71,14 +82,15 @@ from dgrun.backends.torch.ops_cpu import linear, rms_norm
 from dgrun.kernels.dequant import dequant, dequantize, qtype_id, row_stride
 from dgrun.packed import DevicePacked
 
-BLOCK_N = 64
-BLOCK_K = 64
+GATE_UP_N, GATE_UP_K = 32, 32  # BLOCK_N, BLOCK_K of each kernel (module docstring)
+DOWN_N, DOWN_K = 64, 16
+STAGES: tl.constexpr = tl.constexpr(1)  # no software pipelining of the K loops
 SMALL_M, LARGE_M = 16, 64
 
 
-def block_m(slots: int, num_experts: int) -> int:
-    """BLOCK_M for T*k slots over E experts (module docstring): 16 while slots/E <= 8, else 64."""
-    return SMALL_M if slots <= 8 * num_experts else LARGE_M
+def block_m(slots: int, num_experts: int, dtype: torch.dtype = torch.bfloat16) -> int:
+    """BLOCK_M for T*k slots over E experts (module docstring): 16 while slots/E <= 8 or for float32 x, else 64."""
+    return SMALL_M if slots <= 8 * num_experts or dtype == torch.float32 else LARGE_M
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -165,7 +177,7 @@ def moe_gate_up_kernel(
     rows = tl.minimum(offs_n, I - 1)[None, :]  # clamped: columns past I decode a real row and are not stored
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         a_mask = m_mask[:, None] & (offs_k[None, :] < K)
         a = tl.load(x_ptr + tok[:, None] * stride_x + offs_k[None, :], mask=a_mask, other=0.0)
@@ -203,7 +215,7 @@ def moe_down_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.minimum(offs_n, N - 1)[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         a_mask = m_mask[:, None] & (offs_k[None, :] < K)
         a = tl.load(act_ptr + slot[:, None] * K + offs_k[None, :], mask=a_mask, other=0.0)
@@ -244,21 +256,21 @@ def experts(x: torch.Tensor, gate_up, down, top_w: torch.Tensor, top_i: torch.Te
     (T, H), k = x.shape, top_i.shape[1]
     E, I = gate_up.shape[0], gate_up.shape[1] // 2
     slots = T * k
-    bm = block_m(slots, E)
+    bm = block_m(slots, E, x.dtype)
     sorted_ids, expert_of_block, num_padded = align(top_i, E, bm)
     grid_m = expert_of_block.numel()
 
     gu, gu_type, gu_rs, gu_es = _stack(gate_up)
     act = torch.empty(slots, I, dtype=x.dtype, device=x.device)
-    moe_gate_up_kernel[(grid_m, triton.cdiv(I, BLOCK_N))](
+    moe_gate_up_kernel[(grid_m, triton.cdiv(I, GATE_UP_N))](
         x, gu, act, sorted_ids, expert_of_block, num_padded, slots, H, I, x.stride(0), gu_rs, gu_es,
-        TOP_K=k, QTYPE=gu_type, BLOCK_M=bm, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+        TOP_K=k, QTYPE=gu_type, BLOCK_M=bm, BLOCK_N=GATE_UP_N, BLOCK_K=GATE_UP_K)
 
     dn, dn_type, dn_rs, dn_es = _stack(down)
     out = torch.empty(slots, H, dtype=x.dtype, device=x.device)
-    moe_down_kernel[(grid_m, triton.cdiv(H, BLOCK_N))](
+    moe_down_kernel[(grid_m, triton.cdiv(H, DOWN_N))](
         act, dn, out, top_w.float().contiguous(), sorted_ids, expert_of_block, num_padded, slots, I, H,
-        dn_rs, dn_es, QTYPE=dn_type, BLOCK_M=bm, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+        dn_rs, dn_es, QTYPE=dn_type, BLOCK_M=bm, BLOCK_N=DOWN_N, BLOCK_K=DOWN_K)
     return out.view(T, k, H).sum(1)  # the deterministic scatter-add (module docstring, step 5)
 
 
@@ -283,10 +295,37 @@ def twin(x_route: torch.Tensor, x: torch.Tensor, w: dict, b: str, args) -> torch
 # Ahead-of-time configurations
 # ----------------------------------------------------------------------------------------------------------
 
-def _aot_entries() -> list:
-    """Both kernels x every weight type x x in fp32 and bf16, at the two BLOCK_M the launcher picks (filled in
-    below once the compile times are known)."""
-    return []
+_POINTER = {"Q8_0": "*u8", "Q4_0": "*u8", "Q4_1": "*u8", "Q5_0": "*u8", "Q5_1": "*u8", "Q4_K": "*u8",
+            "Q5_K": "*u8", "Q6_K": "*u8", "BF16": "*bf16"}
+_QTYPE = {"Q8_0": 8, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "BF16": 30}
 
 
-AOT = _aot_entries
+def _gate_up_entry(qtype: str, x: str, bm: int, top_k: int = 8):
+    sig = {"x_ptr": x, "w_ptr": _POINTER[qtype], "act_ptr": x, "sorted_ids_ptr": "*i32", "expert_ptr": "*i32",
+           "num_padded_ptr": "*i32", "n_slots": "i32", "K": "i32", "I": "i32", "stride_x": "i32",
+           "w_row_stride": "i32", "w_expert_stride": "i32", "TOP_K": "constexpr", "QTYPE": "constexpr",
+           "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
+    return moe_gate_up_kernel, sig, dict(TOP_K=top_k, QTYPE=_QTYPE[qtype], BLOCK_M=bm, BLOCK_N=GATE_UP_N,
+                                         BLOCK_K=GATE_UP_K)
+
+
+def _down_entry(qtype: str, x: str, bm: int):
+    sig = {"act_ptr": x, "w_ptr": _POINTER[qtype], "out_ptr": x, "route_w_ptr": "*fp32", "sorted_ids_ptr": "*i32",
+           "expert_ptr": "*i32", "num_padded_ptr": "*i32", "n_slots": "i32", "K": "i32", "N": "i32",
+           "w_row_stride": "i32", "w_expert_stride": "i32", "QTYPE": "constexpr", "BLOCK_M": "constexpr",
+           "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
+    return moe_down_kernel, sig, dict(QTYPE=_QTYPE[qtype], BLOCK_M=bm, BLOCK_N=DOWN_N, BLOCK_K=DOWN_K)
+
+
+def aot_entries(qtypes=tuple(_QTYPE), xs=("*bf16", "*fp32"), bms=(LARGE_M, SMALL_M)) -> list:
+    """(jit_fn, signature, constexprs) for both kernels over the given weight types, x dtypes and BLOCK_M."""
+    return [entry(q, x, bm) for entry in (_gate_up_entry, _down_entry) for q in qtypes for x in xs for bm in bms]
+
+
+def _aot() -> list:
+    """What the backend launches (top_k = 8, DiffusionGemma's): both kernels x the nine weight types, bf16 x at
+    both BLOCK_M and float32 x at the only one it takes (16)."""
+    return aot_entries(xs=("*bf16",), bms=(LARGE_M, SMALL_M)) + aot_entries(xs=("*fp32",), bms=(SMALL_M,))
+
+
+AOT = _aot
