@@ -32,13 +32,17 @@ The plan follows vLLM's ``fused_moe``:
    times the slot's routing weight in the epilogue, written to a (T*k, H) buffer at the slot's row.
 5. **Scatter-add** as a plain ``out.view(T, k, H).sum(1)``. Every slot has its own row, so no two programs
    write the same address: no atomics, no zero-fill, and each token's k routes are summed in the fixed route
-   order j = 0..k-1 whatever the batch holds. The result is deterministic run to run and a token's output does
-   not depend on the order of its batch-mates (vLLM's atomic add does not give that). The cost is one
-   (T*k, H) write and read, small next to the weights at these token counts.
+   order j = 0..k-1 whatever the batch holds. The result is deterministic run to run (vLLM's atomic add makes
+   the order of a token's k additions a race), and a token's output does not depend on which tokens share its
+   blocks: each output row of a tile is its own dot product over K in a fixed order (for a given BLOCK_M; a
+   batch size that switches BLOCK_M may change the MMA shape and so the rounding). The cost is one (T*k, H)
+   write and read, small next to the weights (11.5 MB against about 460 MB of Q4_K_M experts per layer for a
+   256-token step of the 26B-A4B shape).
 
 Grid order. ``program_id(0)`` runs over the blocks and is the fastest-varying in launch order, so the
 programs that read the same expert's weight tile (its consecutive blocks, same N tile) run side by side and
-share it through L2, while the x rows are re-read once per N tile (they are small).
+share it through L2; the x rows are re-read once per N tile, from L2 (only the real rows: padded rows are
+masked loads that move no bytes).
 
 Block sizes (chosen from the compiler's register report, not from timings: this project has not run these
 kernels on a GPU). Each program decodes its weight tile element by element, and every element keeps its own byte
@@ -48,8 +52,6 @@ loads in flight, so the decoded tile per K step is what fills the registers (wit
   Wider tiles spill on sm_90 (a 64 x 64 pair: over 1 KB of spills per thread for Q4_K).
 * down decodes one: ``BLOCK_N = 64``, ``BLOCK_K = 16`` (the same 1024 elements; wider N halves how often the
   intermediate rows are re-read, once per N tile, from L2).
-* The software pipeline is off (``num_stages = 1`` on the K loop): the weight loads are gathers that the
-  pipeliner would only hold in more registers.
 * ``BLOCK_M`` (``block_m``) from the mean slots per expert T*k / E: 16 when it is at most 8 (the tokens spread
   thin: a 16-row tile pads least, and few experts exceed 16 slots), else 64 (a 256-token step at top-8 over
   128 experts gives 16 per expert: one 64-row block per expert decodes its weights once, where 16-row blocks
@@ -84,7 +86,6 @@ from dgrun.packed import DevicePacked
 
 GATE_UP_N, GATE_UP_K = 32, 32  # BLOCK_N, BLOCK_K of each kernel (module docstring)
 DOWN_N, DOWN_K = 64, 16
-STAGES: tl.constexpr = tl.constexpr(1)  # no software pipelining of the K loops
 SMALL_M, LARGE_M = 16, 64
 
 
@@ -177,7 +178,7 @@ def moe_gate_up_kernel(
     rows = tl.minimum(offs_n, I - 1)[None, :]  # clamped: columns past I decode a real row and are not stored
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+    for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         a_mask = m_mask[:, None] & (offs_k[None, :] < K)
         a = tl.load(x_ptr + tok[:, None] * stride_x + offs_k[None, :], mask=a_mask, other=0.0)
@@ -215,7 +216,7 @@ def moe_down_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.minimum(offs_n, N - 1)[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+    for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         a_mask = m_mask[:, None] & (offs_k[None, :] < K)
         a = tl.load(act_ptr + slot[:, None] * K + offs_k[None, :], mask=a_mask, other=0.0)
