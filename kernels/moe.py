@@ -81,17 +81,21 @@ import triton
 import triton.language as tl
 
 from dgrun.backends.torch.ops_cpu import linear, rms_norm
-from dgrun.kernels.dequant import dequant, dequantize, qtype_id, row_stride
+from dgrun.kernels.dequant import dequantize, qtype_id
+from dgrun.kernels.qmatmul import CHUNK, dot_packed
 from dgrun.packed import DevicePacked
 
-GATE_UP_N, GATE_UP_K = 32, 32  # BLOCK_N, BLOCK_K of each kernel (module docstring)
-DOWN_N, DOWN_K = 64, 16
 SMALL_M, LARGE_M = 16, 64
+# Per BLOCK_M: BLOCK_N of gate_up (columns of each half; its accumulator is twice as wide), BLOCK_N of down, and
+# num_warps (module docstring).
+CONFIGS = {SMALL_M: dict(gate_up_n=32, down_n=64, num_warps=4),
+           LARGE_M: dict(gate_up_n=32, down_n=64, num_warps=4)}
+FP32_PRECISION = "tf32x3"  # tl.dot's input precision for float32 x (qmatmul's default); "ieee" is exact
 
 
-def block_m(slots: int, num_experts: int, dtype: torch.dtype = torch.bfloat16) -> int:
-    """BLOCK_M for T*k slots over E experts (module docstring): 16 while slots/E <= 8 or for float32 x, else 64."""
-    return SMALL_M if slots <= 8 * num_experts or dtype == torch.float32 else LARGE_M
+def block_m(slots: int, num_experts: int) -> int:
+    """BLOCK_M for T*k slots over E experts (module docstring): 16 while slots / E <= 8, else 64."""
+    return SMALL_M if slots <= 8 * num_experts else LARGE_M
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -132,15 +136,6 @@ def align(topk_ids: torch.Tensor, num_experts: int, block: int):
 # ----------------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _dot(acc, a, w):
-    """acc + a @ w: exact float32 products for float32 a, else bf16/f16 operands (w rounded to a's dtype)."""
-    if a.dtype == tl.float32:
-        return tl.dot(a, w, acc, input_precision="ieee")
-    else:
-        return tl.dot(a, w.to(a.dtype), acc)
-
-
-@triton.jit
 def _gelu_tanh(x):
     """0.5 x (1 + tanh(y)) written as x * sigmoid(2y): no cancellation for large negative x."""
     y = 0.7978845608028654 * (x + 0.044715 * x * x * x)
@@ -148,11 +143,11 @@ def _gelu_tanh(x):
 
 
 @triton.jit
-def _block_rows(sorted_ids_ptr, n_slots, pid_m, TOP_K: tl.constexpr, BLOCK_M: tl.constexpr):
-    """The block's slots, their token rows and the mask of real (non-sentinel) slots."""
+def _block(sorted_ids_ptr, expert_ptr, w_ptr, w_expert_stride, n_slots, pid_m, BLOCK_M: tl.constexpr):
+    """A block's slots (int32), the mask of its real (non-sentinel) slots, and its expert's weights."""
     slot = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
-    m_mask = slot < n_slots
-    return slot.to(tl.int64), (slot // TOP_K).to(tl.int64), m_mask
+    expert = tl.load(expert_ptr + pid_m).to(tl.int64)  # 64-bit: a whole stack may pass 2**31 bytes
+    return slot, slot < n_slots, w_ptr + expert * w_expert_stride
 
 
 @triton.jit
@@ -163,35 +158,32 @@ def moe_gate_up_kernel(
         n_slots, K, I,
         # strides: x rows (elements), weight rows (bytes, or elements for float stacks), one expert (same unit)
         stride_x, w_row_stride, w_expert_stride,
-        TOP_K: tl.constexpr, QTYPE: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """act[s, n] = gelu_tanh(x[t] . gate[e, n]) * (x[t] . up[e, n]) for the block's slots s = t*k + j of expert e."""
+        TOP_K: tl.constexpr, QTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        DOT_PRECISION: tl.constexpr):
+    """act[s, n] = gelu_tanh(x[t] . gate[e, n]) * (x[t] . up[e, n]) for the block's slots s = t*k + j of expert e,
+    n in this program's BLOCK_N columns."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
         return
-    expert = tl.load(expert_ptr + pid_m).to(tl.int64)
-    w_e = w_ptr + expert * w_expert_stride
-    slot, tok, m_mask = _block_rows(sorted_ids_ptr, n_slots, pid_m, TOP_K, BLOCK_M)
+    slot, m_mask, w_e = _block(sorted_ids_ptr, expert_ptr, w_ptr, w_expert_stride, n_slots, pid_m, BLOCK_M)
+    x_rows = (slot // TOP_K) * stride_x  # token t = s // k; sentinel rows are masked
 
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows = tl.minimum(offs_n, I - 1)[None, :]  # clamped: columns past I decode a real row and are not stored
-    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        a_mask = m_mask[:, None] & (offs_k[None, :] < K)
-        a = tl.load(x_ptr + tok[:, None] * stride_x + offs_k[None, :], mask=a_mask, other=0.0)
-        cols = tl.minimum(offs_k, K - 1)[:, None]  # (BLOCK_K, 1) against (1, BLOCK_N): the transposed tile
-        acc_g = _dot(acc_g, a, dequant(w_e, rows, cols, w_row_stride, QTYPE))
-        acc_u = _dot(acc_u, a, dequant(w_e, rows + I, cols, w_row_stride, QTYPE))
+    # One pass over K for both halves: accumulator column 2c is gate row n, column 2c + 1 is up row I + n.
+    c = tl.arange(0, 2 * BLOCK_N)
+    n = tl.minimum(pid_n * BLOCK_N + c // 2, I - 1)  # clamped: columns past I decode a real row, never stored
+    w_rows = (n + (c % 2) * I) * w_row_stride
+    acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
+    acc = dot_packed(acc, x_ptr, x_rows[:, None], m_mask[:, None], w_e, w_rows[:, None], K, QTYPE, DOT_PRECISION)
+    gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
 
     dt = act_ptr.dtype.element_ty  # the reference's roundings in x's dtype (no-ops for float32)
-    gate = acc_g.to(dt).to(tl.float32)
-    up = acc_u.to(dt).to(tl.float32)
+    gate = gate.to(dt).to(tl.float32)
+    up = up.to(dt).to(tl.float32)
     h = _gelu_tanh(gate).to(dt).to(tl.float32) * up
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     out_mask = m_mask[:, None] & (offs_n[None, :] < I)
-    tl.store(act_ptr + slot[:, None] * I + offs_n[None, :], h.to(dt), mask=out_mask)
+    tl.store(act_ptr + slot.to(tl.int64)[:, None] * I + offs_n[None, :], h.to(dt), mask=out_mask)
 
 
 @triton.jit
@@ -202,32 +194,25 @@ def moe_down_kernel(
         n_slots, K, N,
         # strides: weight rows (bytes, or elements for float stacks), one expert (same unit)
         w_row_stride, w_expert_stride,
-        QTYPE: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        QTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """out[s, n] = (act[s] . down[e, n]) * route_w[s] for the block's slots s of expert e."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
         return
-    expert = tl.load(expert_ptr + pid_m).to(tl.int64)
-    w_e = w_ptr + expert * w_expert_stride
-    slot, _, m_mask = _block_rows(sorted_ids_ptr, n_slots, pid_m, 1, BLOCK_M)
+    slot, m_mask, w_e = _block(sorted_ids_ptr, expert_ptr, w_ptr, w_expert_stride, n_slots, pid_m, BLOCK_M)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows = tl.minimum(offs_n, N - 1)[None, :]
+    w_rows = tl.minimum(offs_n, N - 1) * w_row_stride
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        a_mask = m_mask[:, None] & (offs_k[None, :] < K)
-        a = tl.load(act_ptr + slot[:, None] * K + offs_k[None, :], mask=a_mask, other=0.0)
-        cols = tl.minimum(offs_k, K - 1)[:, None]
-        acc = _dot(acc, a, dequant(w_e, rows, cols, w_row_stride, QTYPE))
+    acc = dot_packed(acc, act_ptr, (slot * K)[:, None], m_mask[:, None], w_e, w_rows[:, None], K, QTYPE,
+                     DOT_PRECISION)
 
     dt = out_ptr.dtype.element_ty
     route_w = tl.load(route_w_ptr + slot, mask=m_mask, other=0.0)  # float32, as the reference's weights
     y = acc.to(dt).to(tl.float32) * route_w[:, None]
     out_mask = m_mask[:, None] & (offs_n[None, :] < N)
-    tl.store(out_ptr + slot[:, None] * N + offs_n[None, :], y.to(dt), mask=out_mask)
+    tl.store(out_ptr + slot.to(tl.int64)[:, None] * N + offs_n[None, :], y.to(dt), mask=out_mask)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -235,10 +220,14 @@ def moe_down_kernel(
 # ----------------------------------------------------------------------------------------------------------
 
 def _stack(w) -> tuple[torch.Tensor, int, int, int]:
-    """An expert stack (E, N, K) -> (tensor the kernel reads, QTYPE, row stride, expert stride)."""
-    data = w.data if isinstance(w, DevicePacked) else w.contiguous()
-    rs = row_stride(w)
-    return data, qtype_id(w), rs, w.shape[1] * rs
+    """An expert stack (E, N, K) -> (tensor the kernel reads, QTYPE, row stride, expert stride); strides in
+    bytes for packed stacks, elements for float ones."""
+    qtype = qtype_id(w)
+    data = w.data if isinstance(w, DevicePacked) else w
+    if len(w.shape) != 3 or w.shape[-1] % CHUNK[qtype] or data.stride(-1) != 1:
+        raise ValueError(f"moe: expert stacks are (E, N, K), rows contiguous, K a multiple of {CHUNK[qtype]}; "
+                         f"got {tuple(w.shape)}")
+    return data, qtype, data.stride(1), data.stride(0)
 
 
 def route(x_route: torch.Tensor, w: dict, b: str, args) -> tuple[torch.Tensor, torch.Tensor]:
@@ -257,21 +246,25 @@ def experts(x: torch.Tensor, gate_up, down, top_w: torch.Tensor, top_i: torch.Te
     (T, H), k = x.shape, top_i.shape[1]
     E, I = gate_up.shape[0], gate_up.shape[1] // 2
     slots = T * k
-    bm = block_m(slots, E, x.dtype)
+    bm = block_m(slots, E)
+    cfg = CONFIGS[bm]
+    precision = FP32_PRECISION if x.dtype == torch.float32 else "ieee"  # ignored for 16-bit x
     sorted_ids, expert_of_block, num_padded = align(top_i, E, bm)
     grid_m = expert_of_block.numel()
 
     gu, gu_type, gu_rs, gu_es = _stack(gate_up)
     act = torch.empty(slots, I, dtype=x.dtype, device=x.device)
-    moe_gate_up_kernel[(grid_m, triton.cdiv(I, GATE_UP_N))](
+    moe_gate_up_kernel[(grid_m, triton.cdiv(I, cfg["gate_up_n"]))](
         x, gu, act, sorted_ids, expert_of_block, num_padded, slots, H, I, x.stride(0), gu_rs, gu_es,
-        TOP_K=k, QTYPE=gu_type, BLOCK_M=bm, BLOCK_N=GATE_UP_N, BLOCK_K=GATE_UP_K)
+        TOP_K=k, QTYPE=gu_type, BLOCK_M=bm, BLOCK_N=cfg["gate_up_n"], DOT_PRECISION=precision,
+        num_warps=cfg["num_warps"])
 
     dn, dn_type, dn_rs, dn_es = _stack(down)
     out = torch.empty(slots, H, dtype=x.dtype, device=x.device)
-    moe_down_kernel[(grid_m, triton.cdiv(H, DOWN_N))](
+    moe_down_kernel[(grid_m, triton.cdiv(H, cfg["down_n"]))](
         act, dn, out, top_w.float().contiguous(), sorted_ids, expert_of_block, num_padded, slots, I, H,
-        dn_rs, dn_es, QTYPE=dn_type, BLOCK_M=bm, BLOCK_N=DOWN_N, BLOCK_K=DOWN_K)
+        dn_rs, dn_es, QTYPE=dn_type, BLOCK_M=bm, BLOCK_N=cfg["down_n"], DOT_PRECISION=precision,
+        num_warps=cfg["num_warps"])
     return out.view(T, k, H).sum(1)  # the deterministic scatter-add (module docstring, step 5)
 
 
@@ -296,42 +289,56 @@ def twin(x_route: torch.Tensor, x: torch.Tensor, w: dict, b: str, args) -> torch
 # Ahead-of-time configurations
 # ----------------------------------------------------------------------------------------------------------
 
-_POINTER = {"Q8_0": "*u8", "Q4_0": "*u8", "Q4_1": "*u8", "Q5_0": "*u8", "Q5_1": "*u8", "Q4_K": "*u8",
-            "Q5_K": "*u8", "Q6_K": "*u8", "BF16": "*bf16"}
 _QTYPE = {"Q8_0": 8, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "BF16": 30}
+# Bytes per row of each expert stack at DiffusionGemma 26B-A4B's widths (gate_up rows H = 2816, down rows
+# I = 704), to tell the compiler which row strides are multiples of 16 as the launch will; down has no K-quant
+# there (704 is not a multiple of 256), so those entries compile for an unaligned stride.
+_ROW_BYTES = {"gate_up": {"Q8_0": 2992, "Q4_0": 1584, "Q4_1": 1760, "Q5_0": 1936, "Q5_1": 2112, "Q4_K": 1584,
+                          "Q5_K": 1936, "Q6_K": 2310, "BF16": 2816},
+              "down": {"Q8_0": 748, "Q4_0": 396, "Q4_1": 440, "Q5_0": 484, "Q5_1": 528, "Q4_K": 1, "Q5_K": 1,
+                       "Q6_K": 1, "BF16": 704}}
+
+
+def _options(kernel: str, qtype: str, bm: int, ints: tuple[str, ...]) -> dict:
+    aligned = ("w_row_stride",) if _ROW_BYTES[kernel][qtype] % 16 == 0 else ()
+    return {"num_warps": CONFIGS[bm]["num_warps"], "divisible_by_16": _PTRS[kernel] + ints + aligned}
+
+
+_PTRS = {"gate_up": ("x_ptr", "w_ptr", "act_ptr", "sorted_ids_ptr", "expert_ptr", "num_padded_ptr"),
+         "down": ("act_ptr", "w_ptr", "out_ptr", "route_w_ptr", "sorted_ids_ptr", "expert_ptr", "num_padded_ptr")}
 
 
 def _gate_up_entry(qtype: str, x: str, bm: int, top_k: int = 8):
-    sig = {"x_ptr": x, "w_ptr": _POINTER[qtype], "act_ptr": x, "sorted_ids_ptr": "*i32", "expert_ptr": "*i32",
-           "num_padded_ptr": "*i32", "n_slots": "i32", "K": "i32", "I": "i32", "stride_x": "i32",
-           "w_row_stride": "i32", "w_expert_stride": "i32", "TOP_K": "constexpr", "QTYPE": "constexpr",
-           "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
-    return moe_gate_up_kernel, sig, dict(TOP_K=top_k, QTYPE=_QTYPE[qtype], BLOCK_M=bm, BLOCK_N=GATE_UP_N,
-                                         BLOCK_K=GATE_UP_K)
+    sig = {"x_ptr": x, "w_ptr": "*bf16" if qtype == "BF16" else "*u8", "act_ptr": x, "sorted_ids_ptr": "*i32",
+           "expert_ptr": "*i32", "num_padded_ptr": "*i32", "n_slots": "i32", "K": "i32", "I": "i32",
+           "stride_x": "i32", "w_row_stride": "i32", "w_expert_stride": "i32", "TOP_K": "constexpr",
+           "QTYPE": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "DOT_PRECISION": "constexpr"}
+    const = dict(TOP_K=top_k, QTYPE=_QTYPE[qtype], BLOCK_M=bm, BLOCK_N=CONFIGS[bm]["gate_up_n"],
+                 DOT_PRECISION=FP32_PRECISION if x == "*fp32" else "ieee")
+    ints = ("n_slots", "K", "I", "stride_x", "w_expert_stride")
+    return moe_gate_up_kernel, sig, const, _options("gate_up", qtype, bm, ints)
 
 
 def _down_entry(qtype: str, x: str, bm: int):
-    sig = {"act_ptr": x, "w_ptr": _POINTER[qtype], "out_ptr": x, "route_w_ptr": "*fp32", "sorted_ids_ptr": "*i32",
-           "expert_ptr": "*i32", "num_padded_ptr": "*i32", "n_slots": "i32", "K": "i32", "N": "i32",
-           "w_row_stride": "i32", "w_expert_stride": "i32", "QTYPE": "constexpr", "BLOCK_M": "constexpr",
-           "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
-    return moe_down_kernel, sig, dict(QTYPE=_QTYPE[qtype], BLOCK_M=bm, BLOCK_N=DOWN_N, BLOCK_K=DOWN_K)
+    sig = {"act_ptr": x, "w_ptr": "*bf16" if qtype == "BF16" else "*u8", "out_ptr": x, "route_w_ptr": "*fp32",
+           "sorted_ids_ptr": "*i32", "expert_ptr": "*i32", "num_padded_ptr": "*i32", "n_slots": "i32", "K": "i32",
+           "N": "i32", "w_row_stride": "i32", "w_expert_stride": "i32", "QTYPE": "constexpr",
+           "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "DOT_PRECISION": "constexpr"}
+    const = dict(QTYPE=_QTYPE[qtype], BLOCK_M=bm, BLOCK_N=CONFIGS[bm]["down_n"],
+                 DOT_PRECISION=FP32_PRECISION if x == "*fp32" else "ieee")
+    return moe_down_kernel, sig, const, _options("down", qtype, bm, ("n_slots", "K", "N", "w_expert_stride"))
 
 
 def aot_entries(qtypes=tuple(_QTYPE), xs=("*bf16", "*fp32"), bms=(LARGE_M, SMALL_M)) -> list:
-    """(jit_fn, signature, constexprs) for both kernels over the given weight types, x dtypes and BLOCK_M."""
+    """(jit_fn, signature, constexprs, options) for both kernels over weight types, x dtypes and BLOCK_M."""
     return [entry(q, x, bm) for entry in (_gate_up_entry, _down_entry) for q in qtypes for x in xs for bm in bms]
 
 
-def _aot() -> list:
-    """What the backend launches, trimmed to keep the compile test short (top_k = 8, DiffusionGemma's): both
+def AOT() -> list:
+    """What the backend launches (top_k = 8, DiffusionGemma's), trimmed to keep the compile test short: both
     kernels x the nine weight types at the main configuration (bf16 x, BLOCK_M = 64: a 256-token step), and the
-    two others (bf16 x at BLOCK_M = 16, float32 x at 16) for Q5_K, the type whose decode fills the registers
-    most. The full launched set is `aot_entries(xs=("*bf16",)) + aot_entries(xs=("*fp32",), bms=(SMALL_M,))`
-    (54 entries, about 35 s per target on one core)."""
+    other three (bf16 x at BLOCK_M = 16, float32 x at 16 and 64) for Q4_K and Q5_0, the gate_up and down types of
+    a Q4_K_M file. `aot_entries()` is the full product (72 entries)."""
     return (aot_entries(xs=("*bf16",), bms=(LARGE_M,))
-            + aot_entries(qtypes=("Q5_K",), xs=("*bf16",), bms=(SMALL_M,))
-            + aot_entries(qtypes=("Q5_K",), xs=("*fp32",), bms=(SMALL_M,)))
-
-
-AOT = _aot
+            + aot_entries(qtypes=("Q4_K", "Q5_0"), xs=("*bf16",), bms=(SMALL_M,))
+            + aot_entries(qtypes=("Q4_K", "Q5_0"), xs=("*fp32",), bms=(SMALL_M, LARGE_M)))

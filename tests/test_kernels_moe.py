@@ -22,14 +22,10 @@ from kernel_weights import ALL, weight  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Triton 3.9's interpreter gets bf16 wrong in two ways the GPU does not (it stores bf16 as uint16 in numpy):
-# tl.dot multiplies the raw uint16 bit patterns, and an fp32 -> bf16 cast truncates where the GPU's
-# cvt.rn rounds to nearest even. The bf16 tests patch both to the GPU's semantics.
+# Triton 3.9's interpreter casts float32 to bf16 by truncation, where the GPU's cvt.rn rounds to nearest even
+# (as torch does): the bf16 tests patch the cast to the GPU's rounding. (Its tl.dot on bf16 multiplies the raw
+# uint16 bits; dequant.mma already routes 16-bit operands through float32 under the interpreter.)
 # ----------------------------------------------------------------------------------------------------------
-
-def _bf16_as_f32(u16: np.ndarray) -> np.ndarray:
-    return (u16.astype(np.uint32) << 16).view(np.float32)
-
 
 def _f32_as_bf16(f32: np.ndarray) -> np.ndarray:
     bits = np.ascontiguousarray(f32, dtype=np.float32).view(np.uint32)
@@ -41,31 +37,14 @@ def bf16_interpreter(monkeypatch):
     import triton.language as tl
     from triton.runtime import interpreter
 
-    builder = interpreter.InterpreterBuilder
-    dot, cast = builder.create_dot, builder.cast_impl
-
-    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        if a.dtype.scalar == tl.bfloat16:
-            a = interpreter.TensorHandle(_bf16_as_f32(a.data), tl.float32)
-        if b.dtype.scalar == tl.bfloat16:
-            b = interpreter.TensorHandle(_bf16_as_f32(b.data), tl.float32)
-        return dot(self, a, b, d, input_precision, max_num_imprecise_acc)
+    cast = interpreter.InterpreterBuilder.cast_impl
 
     def cast_impl(self, src, dst_type):
         if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
             return interpreter.TensorHandle(_f32_as_bf16(src.data), tl.bfloat16)
         return cast(self, src, dst_type)
 
-    monkeypatch.setattr(builder, "create_dot", create_dot)
-    monkeypatch.setattr(builder, "cast_impl", cast_impl)
-
-
-@pytest.fixture
-def wide_tiles(monkeypatch):
-    """64 x 64 tiles in both kernels: the interpreter's cost is per decode call, so the every-type sweep runs a
-    quarter of the calls. The kernels take any power-of-two tile; the launched tiles run in the other tests."""
-    for name in ("GATE_UP_N", "GATE_UP_K", "DOWN_N", "DOWN_K"):
-        monkeypatch.setattr(km, name, 64)
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "cast_impl", cast_impl)
 
 
 B = "blk.0."
@@ -169,7 +148,7 @@ def check(qtype, dtype, T, E, k, I, seed=0, skew=False, H=H):
 
 
 @pytest.mark.parametrize("qtype", ALL, ids=lambda q: q.name)
-def test_moe_fp32_every_type(qtype, wide_tiles):
+def test_moe_fp32_every_type(qtype):
     check(qtype, torch.float32, T=6, E=4, k=2, I=256 if qtype in K_QUANTS else 64)
 
 
@@ -186,14 +165,16 @@ def test_moe_empty_experts_and_an_expert_over_block_m():
     assert counts[0] == T > 16 and (counts[E - 3:] == 0).all()
 
 
-def test_moe_large_block_m(bf16_interpreter):
-    T, E, k = 40, 4, 2  # 80 slots > 8 * E: BLOCK_M = 64 (bf16 x; float32 x keeps 16)
-    assert km.block_m(T * k, E, torch.bfloat16) == 64 and km.block_m(T * k, E, torch.float32) == 16
-    check(QT.Q6_K, torch.bfloat16, T=T, E=E, k=k, I=256, seed=3)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_moe_large_block_m(dtype, bf16_interpreter):
+    T, E, k = 40, 4, 2  # 80 slots > 8 * E: BLOCK_M = 64
+    assert km.block_m(T * k, E) == 64
+    check(QT.Q6_K, dtype, T=T, E=E, k=k, I=256, seed=3)
 
 
-def test_moe_ragged_tiles(wide_tiles):
-    # I = H = 96 against 64-wide tiles: the last N tile and the last K step of both kernels are partial
+def test_moe_ragged_tiles(monkeypatch):
+    # I = H = 96 against 64-column tiles: the last N tile of both kernels is partial (K is whole chunks)
+    monkeypatch.setitem(km.CONFIGS, km.SMALL_M, dict(gate_up_n=64, down_n=64, num_warps=4))
     check(QT.Q8_0, torch.float32, T=5, E=4, k=2, I=96, seed=5, H=96)
 
 
