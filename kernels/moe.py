@@ -5,7 +5,9 @@ DiffusionGemma's MoE block sends every token to ``top_k`` of ``E`` experts. Each
 MLP whose weights are two stacks: ``ffn_gate_up_exps.weight`` (E, 2I, H), the gate rows then the up rows, and
 ``ffn_down_exps.weight`` (E, H, I). On a GPU they stay packed as the GGUF file stores them (``DevicePacked``,
 any of Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) or are plain F16/BF16/F32 tensors, and each kernel
-decodes its weight tiles in registers with ``kernels.dequant.dequant``. The exact reference is
+decodes its weight tiles in registers with ``kernels.qmatmul.dot_packed``: the packed matmul's K loop, which
+decodes a type's layout a chunk at a time (one scale load per row and piece, not per element) and feeds
+``tl.dot``, here called with gathered token rows and one expert's weight rows. The exact reference is
 ``backends/torch/ops_cpu.py: moe``; ``twin`` runs it on the dequantized stacks.
 
 A step of 256 canvas tokens with top-8 routing touches all 128 experts, so the MoE reads every expert's
@@ -25,9 +27,11 @@ The plan follows vLLM's ``fused_moe``:
    The worst case: each non-empty expert pads at most ``BLOCK_M - 1`` slots, and at most ``min(E, T*k)``
    experts are non-empty, so ``T*k + min(E, T*k) * (BLOCK_M - 1)`` entries always suffice.
 3. **gate_up** (``moe_gate_up_kernel``): grid (blocks, I / BLOCK_N). A program gathers the x rows of its
-   block's tokens (sentinel rows masked to zero), decodes the matching gate rows ``n`` and up rows ``I + n``
-   of its expert, accumulates both products in float32, and writes ``gelu_tanh(gate) * up`` to an (T*k, I)
-   intermediate at each slot's row.
+   block's tokens (sentinel rows masked to zero) and runs one K loop over its expert's gate rows ``n`` and up
+   rows ``I + n`` together: accumulator column 2c is gate row n, column 2c + 1 the up row, so each x piece is
+   loaded once for both and one ``tl.dot`` of width 2 * BLOCK_N covers them. The epilogue splits the pairs
+   (``tl.reshape`` + ``tl.split``) and writes ``gelu_tanh(gate) * up`` to a (T*k, I) intermediate at each
+   slot's row.
 4. **down** (``moe_down_kernel``): the same grid over (blocks, H / BLOCK_N); intermediate rows @ down[e].T,
    times the slot's routing weight in the epilogue, written to a (T*k, H) buffer at the slot's row.
 5. **Scatter-add** as a plain ``out.view(T, k, H).sum(1)``. Every slot has its own row, so no two programs
@@ -45,30 +49,28 @@ share it through L2; the x rows are re-read once per N tile, from L2 (only the r
 masked loads that move no bytes).
 
 Block sizes (chosen from the compiler's register report, not from timings: this project has not run these
-kernels on a GPU). Each program decodes its weight tile element by element, and every element keeps its own byte
-loads in flight, so the decoded tile per K step is what fills the registers (with ``num_warps = 4``):
+kernels on a GPU; ``CONFIGS``). With ``num_warps = 4``:
 
-* gate_up decodes two tiles per K step (gate and up): ``BLOCK_N = 32`` columns of each, ``BLOCK_K = 32``.
-  Wider tiles spill on sm_90 (a 64 x 64 pair: over 1 KB of spills per thread for Q4_K).
-* down decodes one: ``BLOCK_N = 64``, ``BLOCK_K = 16`` (the same 1024 elements; wider N halves how often the
-  intermediate rows are re-read, once per N tile, from L2).
+* gate_up: ``BLOCK_N = 32`` columns of each half (a 64-wide accumulator). 64 of each spills for Q6_K on sm_90
+  at 4 warps and needs 8 warps at ~250 registers, one program per SM.
+* down: ``BLOCK_N = 64``. 128 reaches 250+ registers for the K-quants.
 * ``BLOCK_M`` (``block_m``) from the mean slots per expert T*k / E: 16 when it is at most 8 (the tokens spread
   thin: a 16-row tile pads least, and few experts exceed 16 slots), else 64 (a 256-token step at top-8 over
   128 experts gives 16 per expert: one 64-row block per expert decodes its weights once, where 16-row blocks
-  would decode most experts twice; the padded MMA rows cost far less than the element-wise decode, and padded
-  rows are masked loads that move no bytes). float32 x always takes 16: its exact-product ``tl.dot`` runs
-  without tensor cores and a 64-row tile spills; float32 is the parity path, not the fast one.
+  would decode most experts twice; the padded MMA rows cost far less than the decode, and padded rows are
+  masked loads that move no bytes).
 
-All of 16, 32 and 64 divide the 32- and 256-element quant blocks, and DiffusionGemma 26B-A4B's I = 704 and
-H = 2816 are multiples of 64: no K step or N tile is ragged there (ragged edges elsewhere are clamped and
-masked).
+On sm_90 that is 48 to 184 registers and no spills for bf16 x over all nine types (the AOT table). K (H for
+gate_up, I for down) must be a whole number of ``dot_packed`` chunks (32, 64 for Q4_K/Q5_K, 128 for Q6_K):
+DiffusionGemma 26B-A4B's H = 2816 and I = 704 are; ragged N tiles are clamped and masked.
 
 Rounding follows the reference in the activations' dtype: gate and up are rounded to x's dtype before the
 epilogue, ``gelu(gate)`` and the product too, the down output before the float32 routing weight, and the
 weighted rows before the sum. For float32 x every rounding is a no-op and the kernels agree with the
-reference to float32 summation order (~1e-6 relative). Float32 x runs ``tl.dot`` with
-``input_precision="ieee"`` (exact float32 products, no TF32); bf16 / f16 x run it on bf16 / f16 operands
-with the decoded weights rounded to that dtype, as a bf16 reference rounds them.
+reference to float32 summation order. Float32 x runs ``tl.dot`` at ``FP32_PRECISION`` ("tf32x3" as qmatmul:
+float32-grade products from three tf32 ones; "ieee" is exact and slow; the interpreter is exact either way);
+bf16 / f16 x run it on bf16 / f16 operands with the decoded weights rounded to that dtype, as a bf16 reference
+rounds them.
 
 Every launcher is CUDA-graph capturable: static shapes in and out, no host read, allocations sized by T, k, E
 and H only.
