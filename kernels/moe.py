@@ -248,6 +248,8 @@ def experts(x: torch.Tensor, gate_up, down, top_w: torch.Tensor, top_i: torch.Te
     (T, H), k = x.shape, top_i.shape[1]
     E, I = gate_up.shape[0], gate_up.shape[1] // 2
     slots = T * k
+    if slots * max(H, I) >= 2**31:  # row offsets of x and the intermediate are int32 in the kernels
+        raise ValueError(f"moe: {T} tokens x top-{k} is too many for one call; split the batch")
     bm = block_m(slots, E)
     cfg = CONFIGS[bm]
     precision = FP32_PRECISION if x.dtype == torch.float32 else "ieee"  # ignored for 16-bit x
