@@ -110,13 +110,77 @@ def padded_length(slots: int, num_experts: int, block: int) -> int:
     return triton.cdiv(worst, block) * block
 
 
+@triton.jit
+def align_kernel(
+        # pointers: topk_ids (T*k,) int64 in; sorted_ids (length,), expert_of_block (n_blocks,) and num_padded
+        # (1,) int32 out; cursor (E,) int32 scratch
+        topk_ids_ptr, sorted_ids_ptr, expert_ptr, num_padded_ptr, cursor_ptr,
+        n_slots, length, num_experts,
+        E_POW2: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, BLOCKS: tl.constexpr):
+    """The whole alignment in one program (one launch per MoE layer): count, pad, place. Launch with grid (1,)."""
+    experts = tl.arange(0, E_POW2)
+    real = experts < num_experts
+    # 1. slots per expert
+    counts = tl.zeros((E_POW2,), dtype=tl.int32)
+    for s0 in range(0, n_slots, CHUNK):
+        offs = s0 + tl.arange(0, CHUNK)
+        ids = tl.load(topk_ids_ptr + offs, mask=offs < n_slots, other=0).to(tl.int32)
+        counts += tl.histogram(ids, E_POW2, mask=offs < n_slots)
+    # 2. each expert's run padded to whole blocks, and where it starts
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    ends = tl.cumsum(padded, 0)
+    tl.store(num_padded_ptr, tl.sum(padded, 0))
+    tl.store(cursor_ptr + experts, ends - padded, mask=real)
+    # 3. the expert of each block: how many runs end at or before the block's first entry
+    for b0 in range(0, length // BLOCK_M, BLOCKS):
+        blocks = b0 + tl.arange(0, BLOCKS)
+        before = (ends[None, :] <= blocks[:, None] * BLOCK_M) & real[None, :]
+        expert = tl.minimum(tl.sum(before.to(tl.int32), 1), num_experts - 1)
+        tl.store(expert_ptr + blocks, expert, mask=blocks < length // BLOCK_M)
+    # 4. sentinels everywhere, then (after the barrier) each slot at its expert's cursor
+    for p0 in range(0, length, CHUNK):
+        offs = p0 + tl.arange(0, CHUNK)
+        tl.store(sorted_ids_ptr + offs, tl.full((CHUNK,), 0, tl.int32) + n_slots, mask=offs < length)
+    tl.debug_barrier()
+    for s0 in range(0, n_slots, CHUNK):
+        offs = s0 + tl.arange(0, CHUNK)
+        mask = offs < n_slots
+        ids = tl.load(topk_ids_ptr + offs, mask=mask, other=0).to(tl.int32)
+        pos = tl.atomic_add(cursor_ptr + ids, 1, mask=mask, sem="relaxed")
+        tl.store(sorted_ids_ptr + pos, offs, mask=mask)
+
+
+ALIGN_CHUNK, ALIGN_BLOCKS = 1024, 64
+
+
 def align(topk_ids: torch.Tensor, num_experts: int, block: int):
     """topk_ids (T, k) int -> (sorted_ids int32 (L,), expert_of_block int32 (L / block,), num_padded int32 (1,)).
 
-    sorted_ids lists the slots s = t*k + j expert by expert (in slot order within an expert), each expert's run
-    padded to a multiple of `block` with the sentinel T*k; L = padded_length(T*k, E, block). expert_of_block[i]
-    is the expert of entries [i*block, (i+1)*block); blocks from num_padded on are unused (their expert is
-    clamped to E - 1, a valid index). Device ops only: a stable sort, searchsorted, cumsum and one scatter."""
+    sorted_ids lists the slots s = t*k + j expert by expert, each expert's run padded to a multiple of `block`
+    with the sentinel T*k; L = padded_length(T*k, E, block). expert_of_block[i] is the expert of entries
+    [i*block, (i+1)*block); blocks from num_padded on are unused (their expert is clamped to E - 1, a valid
+    index). One Triton program, one launch. Within an expert's run the slots come in the order the atomic
+    cursor hands out places, which may vary run to run: harmless, since every slot has its own output row
+    and a row's result does not depend on its place in the tile. `align_torch` is the plain-torch twin (slot
+    order within a run)."""
+    ids = topk_ids.reshape(-1)
+    if ids.dtype != torch.int64 or not ids.is_contiguous():
+        ids = ids.to(torch.int64).contiguous()
+    n, dev = ids.numel(), ids.device
+    length = padded_length(n, num_experts, block)
+    sorted_ids = torch.empty(length, dtype=torch.int32, device=dev)
+    expert_of_block = torch.empty(length // block, dtype=torch.int32, device=dev)
+    num_padded = torch.empty(1, dtype=torch.int32, device=dev)
+    cursor = torch.empty(num_experts, dtype=torch.int32, device=dev)
+    align_kernel[(1,)](ids, sorted_ids, expert_of_block, num_padded, cursor, n, length, num_experts,
+                       E_POW2=triton.next_power_of_2(num_experts), BLOCK_M=block, CHUNK=ALIGN_CHUNK,
+                       BLOCKS=ALIGN_BLOCKS)
+    return sorted_ids, expert_of_block, num_padded
+
+
+def align_torch(topk_ids: torch.Tensor, num_experts: int, block: int):
+    """`align` in plain torch device ops (a stable sort, searchsorted, cumsum, one scatter; no host read), with
+    each expert's slots in slot order. About 25 small kernels where `align` is one."""
     flat = topk_ids.reshape(-1).to(torch.int64)
     n, dev = flat.numel(), flat.device
     sorted_e, order = torch.sort(flat, stable=True)
@@ -333,16 +397,25 @@ def _down_entry(qtype: str, x: str, bm: int):
     return moe_down_kernel, sig, const, _options("down", qtype, bm, ("n_slots", "K", "N", "w_expert_stride"))
 
 
+def _align_entry(bm: int, num_experts: int = 128):
+    sig = {"topk_ids_ptr": "*i64", "sorted_ids_ptr": "*i32", "expert_ptr": "*i32", "num_padded_ptr": "*i32",
+           "cursor_ptr": "*i32", "n_slots": "i32", "length": "i32", "num_experts": "i32", "E_POW2": "constexpr",
+           "BLOCK_M": "constexpr", "CHUNK": "constexpr", "BLOCKS": "constexpr"}
+    const = dict(E_POW2=triton.next_power_of_2(num_experts), BLOCK_M=bm, CHUNK=ALIGN_CHUNK, BLOCKS=ALIGN_BLOCKS)
+    return align_kernel, sig, const, {"num_warps": 4, "divisible_by_16": tuple(a for a in sig if a[-4:] == "_ptr")}
+
+
 def aot_entries(qtypes=tuple(_QTYPE), xs=("*bf16", "*fp32"), bms=(LARGE_M, SMALL_M)) -> list:
     """(jit_fn, signature, constexprs, options) for both kernels over weight types, x dtypes and BLOCK_M."""
     return [entry(q, x, bm) for entry in (_gate_up_entry, _down_entry) for q in qtypes for x in xs for bm in bms]
 
 
 def AOT() -> list:
-    """What the backend launches (top_k = 8, DiffusionGemma's), trimmed to keep the compile test short: both
-    kernels x the nine weight types at the main configuration (bf16 x, BLOCK_M = 64: a 256-token step), and
+    """What the backend launches (top_k = 8, E = 128: DiffusionGemma's), trimmed to keep the compile test short:
+    the align kernel at both BLOCK_M; both expert kernels x the nine weight types at the main configuration (bf16 x, BLOCK_M = 64: a 256-token step), and
     BLOCK_M = 16 (small batches) and float32 x for Q4_K and Q5_0, the gate_up and down types of a Q4_K_M file.
     `aot_entries()` is the full product (72 entries)."""
-    return (aot_entries(xs=("*bf16",), bms=(LARGE_M,))
+    return ([_align_entry(bm) for bm in (SMALL_M, LARGE_M)]
+            + aot_entries(xs=("*bf16",), bms=(LARGE_M,))
             + aot_entries(qtypes=("Q4_K", "Q5_0"), xs=("*bf16",), bms=(SMALL_M,))
             + aot_entries(qtypes=("Q4_K", "Q5_0"), xs=("*fp32",), bms=(LARGE_M,)))

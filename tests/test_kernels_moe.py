@@ -57,46 +57,71 @@ K_QUANTS = (QT.Q4_K, QT.Q5_K, QT.Q6_K)
 # ----------------------------------------------------------------------------------------------------------
 
 def align_reference(topk_ids: list[list[int]], num_experts: int, block: int):
-    """Plain Python: each expert's slots in slot order, padded with the sentinel to a multiple of `block`."""
+    """Plain Python: each expert's slots in slot order, padded with the sentinel to a multiple of `block`.
+    Returns the ids, the expert of each block, their count and each expert's (start, end) run."""
     flat = [e for row in topk_ids for e in row]
     sentinel = len(flat)
-    ids, experts = [], []
+    ids, experts, runs = [], [], []
     for e in range(num_experts):
         run = [s for s, x in enumerate(flat) if x == e]
         run += [sentinel] * (-len(run) % block)
+        runs.append((len(ids), len(ids) + len(run)))
         ids += run
         experts += [e] * (len(run) // block)
-    return ids, experts, len(ids)
+    return ids, experts, len(ids), runs
+
+
+def routing(case: str, E: int, k: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(7)
+    if case == "random":
+        return torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(37)])
+    if case == "skewed":  # expert 3 in every token (> block slots when block = 16), experts 5..7 never
+        return torch.stack([torch.tensor([3, int(torch.randint(0, 3, (1,), generator=g))]) for _ in range(70)])
+    if case == "many":  # more slots than one chunk of the align kernel
+        return torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(700)])
+    return torch.tensor([[6, 1]])
+
+
+CASES = ["random", "skewed", "many", "one_token"]
 
 
 @pytest.mark.parametrize("block", [16, 64])
-@pytest.mark.parametrize("case", ["random", "skewed", "one_token"])
+@pytest.mark.parametrize("case", CASES)
 def test_align_matches_python(case, block):
-    g = torch.Generator().manual_seed(7)
-    E, k = 8, 2
-    if case == "random":
-        topk = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(37)])
-    elif case == "skewed":  # expert 3 in every token (> block slots when block = 16), experts 5..7 never
-        topk = torch.stack([torch.tensor([3, int(torch.randint(0, 3, (1,), generator=g))]) for _ in range(70)])
-    else:
-        topk = torch.tensor([[6, 1]])
+    E = 8
+    topk = routing(case, E, 2)
     sorted_ids, expert_of_block, num_padded = km.align(topk, E, block)
-    ids, experts, n = align_reference(topk.tolist(), E, block)
+    ids, experts, n, runs = align_reference(topk.tolist(), E, block)
 
     assert num_padded.shape == (1,) and int(num_padded) == n
-    assert sorted_ids.dtype == expert_of_block.dtype == torch.int32
+    assert sorted_ids.dtype == expert_of_block.dtype == num_padded.dtype == torch.int32
     assert sorted_ids.numel() == km.padded_length(topk.numel(), E, block) >= n  # static: from T, k, E only
-    assert sorted_ids[:n].tolist() == ids
-    assert (sorted_ids[n:] == topk.numel()).all()
     assert expert_of_block.numel() == sorted_ids.numel() // block
     assert expert_of_block[:n // block].tolist() == experts
     assert ((expert_of_block >= 0) & (expert_of_block < E)).all()
+    assert (sorted_ids[n:] == topk.numel()).all()
+    got = sorted_ids.tolist()
+    for a, b in runs:  # within a run the order is the atomic cursor's: compare sorted (sentinels sort last)
+        assert sorted(got[a:b]) == ids[a:b]
+
+
+@pytest.mark.parametrize("block", [16, 64])
+@pytest.mark.parametrize("case", CASES)
+def test_align_torch_matches_python_exactly(case, block):
+    E = 8
+    topk = routing(case, E, 2)
+    sorted_ids, expert_of_block, num_padded = km.align_torch(topk, E, block)
+    ids, experts, n, _ = align_reference(topk.tolist(), E, block)
+    assert int(num_padded) == n and sorted_ids[:n].tolist() == ids
+    assert expert_of_block[:n // block].tolist() == experts
+    assert sorted_ids.shape == km.align(topk, E, block)[0].shape
 
 
 def test_align_shapes_do_not_depend_on_routing():
-    a = km.align(torch.tensor([[0, 1], [2, 3], [4, 5]]), 8, 16)
-    b = km.align(torch.tensor([[0, 1], [0, 1], [0, 1]]), 8, 16)
-    assert [t.shape for t in a] == [t.shape for t in b]
+    for align in (km.align, km.align_torch):
+        a = align(torch.tensor([[0, 1], [2, 3], [4, 5]]), 8, 16)
+        b = align(torch.tensor([[0, 1], [0, 1], [0, 1]]), 8, 16)
+        assert [t.shape for t in a] == [t.shape for t in b]
 
 
 # ----------------------------------------------------------------------------------------------------------
