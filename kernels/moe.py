@@ -26,6 +26,10 @@ The plan follows vLLM's ``fused_moe``:
    one-element device tensor: the grid is sized for the worst case and programs past the end return at once.
    The worst case: each non-empty expert pads at most ``BLOCK_M - 1`` slots, and at most ``min(E, T*k)``
    experts are non-empty, so ``T*k + min(E, T*k) * (BLOCK_M - 1)`` entries always suffice.
+   ``align_kernel`` does it in one program, so one launch per layer (the same in torch ops, ``align_torch``,
+   is some 25 small kernels, ~30 layers deep in a CUDA graph): a ``tl.histogram`` of the expert ids, the
+   padded run lengths' ``tl.cumsum``, sentinels everywhere, then each slot placed at its expert's cursor with
+   an atomic add.
 3. **gate_up** (``moe_gate_up_kernel``): grid (blocks, I / BLOCK_N). A program gathers the x rows of its
    block's tokens (sentinel rows masked to zero) and runs one K loop over its expert's gate rows ``n`` and up
    rows ``I + n`` together: accumulator column 2c is gate row n, column 2c + 1 the up row, so each x piece is
