@@ -154,7 +154,12 @@ def align_kernel(
         tl.store(sorted_ids_ptr + pos, offs, mask=mask)
 
 
-ALIGN_CHUNK, ALIGN_BLOCKS = 1024, 64
+ALIGN_CHUNK = 1024  # slots per step of the align kernel's loops
+
+
+def _align_blocks(e_pow2: int) -> int:
+    """Blocks per step of the align kernel's expert-of-block loop: a (blocks, E) comparison of 8192 elements."""
+    return max(1, 8192 // e_pow2)
 
 
 def align(topk_ids: torch.Tensor, num_experts: int, block: int):
@@ -176,9 +181,9 @@ def align(topk_ids: torch.Tensor, num_experts: int, block: int):
     expert_of_block = torch.empty(length // block, dtype=torch.int32, device=dev)
     num_padded = torch.empty(1, dtype=torch.int32, device=dev)
     cursor = torch.empty(num_experts, dtype=torch.int32, device=dev)
+    e_pow2 = triton.next_power_of_2(num_experts)
     align_kernel[(1,)](ids, sorted_ids, expert_of_block, num_padded, cursor, n, length, num_experts,
-                       E_POW2=triton.next_power_of_2(num_experts), BLOCK_M=block, CHUNK=ALIGN_CHUNK,
-                       BLOCKS=ALIGN_BLOCKS)
+                       E_POW2=e_pow2, BLOCK_M=block, CHUNK=ALIGN_CHUNK, BLOCKS=_align_blocks(e_pow2))
     return sorted_ids, expert_of_block, num_padded
 
 
@@ -405,7 +410,8 @@ def _align_entry(bm: int, num_experts: int = 128):
     sig = {"topk_ids_ptr": "*i64", "sorted_ids_ptr": "*i32", "expert_ptr": "*i32", "num_padded_ptr": "*i32",
            "cursor_ptr": "*i32", "n_slots": "i32", "length": "i32", "num_experts": "i32", "E_POW2": "constexpr",
            "BLOCK_M": "constexpr", "CHUNK": "constexpr", "BLOCKS": "constexpr"}
-    const = dict(E_POW2=triton.next_power_of_2(num_experts), BLOCK_M=bm, CHUNK=ALIGN_CHUNK, BLOCKS=ALIGN_BLOCKS)
+    e_pow2 = triton.next_power_of_2(num_experts)
+    const = dict(E_POW2=e_pow2, BLOCK_M=bm, CHUNK=ALIGN_CHUNK, BLOCKS=_align_blocks(e_pow2))
     return align_kernel, sig, const, {"num_warps": 4, "divisible_by_16": tuple(a for a in sig if a[-4:] == "_ptr")}
 
 
