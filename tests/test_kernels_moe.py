@@ -73,7 +73,7 @@ def align_reference(topk_ids: list[list[int]], num_experts: int, block: int):
 
 def routing(case: str, E: int, k: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(7)
-    if case == "random":
+    if case.startswith("random"):
         return torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(37)])
     if case == "skewed":  # expert 3 in every token (> block slots when block = 16), experts 5..7 never
         return torch.stack([torch.tensor([3, int(torch.randint(0, 3, (1,), generator=g))]) for _ in range(70)])
@@ -82,13 +82,13 @@ def routing(case: str, E: int, k: int) -> torch.Tensor:
     return torch.tensor([[6, 1]])
 
 
-CASES = ["random", "skewed", "many", "one_token"]
+CASES = ["random", "random_6_experts", "skewed", "many", "one_token"]
 
 
 @pytest.mark.parametrize("block", [16, 64])
 @pytest.mark.parametrize("case", CASES)
 def test_align_matches_python(case, block):
-    E = 8
+    E = 6 if "6_experts" in case else 8  # 6: not a power of two
     topk = routing(case, E, 2)
     sorted_ids, expert_of_block, num_padded = km.align(topk, E, block)
     ids, experts, n, runs = align_reference(topk.tolist(), E, block)
@@ -108,7 +108,7 @@ def test_align_matches_python(case, block):
 @pytest.mark.parametrize("block", [16, 64])
 @pytest.mark.parametrize("case", CASES)
 def test_align_torch_matches_python_exactly(case, block):
-    E = 8
+    E = 6 if "6_experts" in case else 8
     topk = routing(case, E, 2)
     sorted_ids, expert_of_block, num_padded = km.align_torch(topk, E, block)
     ids, experts, n, _ = align_reference(topk.tolist(), E, block)
