@@ -64,7 +64,8 @@ kernels on a GPU; ``CONFIGS``). With ``num_warps = 4``:
   would decode most experts twice; the padded MMA rows cost far less than the decode, and padded rows are
   masked loads that move no bytes).
 
-On sm_90 that is 48 to 184 registers and no spills for bf16 x over all nine types (the AOT table). K (H for
+For bf16 x that is 56 to 161 registers on sm_90 and no spills on any target (Q6_K's gate_up and down reach
+255 registers on the others). K (H for
 gate_up, I for down) must be a whole number of ``dot_packed`` chunks (32, 64 for Q4_K/Q5_K, 128 for Q6_K):
 DiffusionGemma 26B-A4B's H = 2816 and I = 704 are; ragged N tiles are clamped and masked.
 
