@@ -65,9 +65,9 @@ kernels on a GPU; ``CONFIGS``). With ``num_warps = 4``:
   masked loads that move no bytes).
 
 For bf16 x that is 56 to 161 registers on sm_90 and no spills on any target in AOT (Q6_K's gate_up reaches
-255 registers on the others). K (H for
-gate_up, I for down) must be a whole number of ``dot_packed`` chunks (32, 64 for Q4_K/Q5_K, 128 for Q6_K):
-DiffusionGemma 26B-A4B's H = 2816 and I = 704 are; ragged N tiles are clamped and masked.
+255 registers on the others). K (H for gate_up, I for down) must be a whole number of ``dot_packed`` chunks
+(32, 64 for Q4_K/Q5_K, 128 for Q6_K): DiffusionGemma 26B-A4B's H = 2816 and I = 704 are; ragged N tiles are
+clamped and masked.
 
 Rounding follows the reference in the activations' dtype: gate and up are rounded to x's dtype before the
 epilogue, ``gelu(gate)`` and the product too, the down output before the float32 routing weight, and the
