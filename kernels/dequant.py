@@ -33,7 +33,8 @@ rows, or a gathered set of rows for an embedding lookup. Neighbouring elements s
 hit L1, so DRAM still sees each byte of the packed weight once per tile.
 
 Indices must be in range (the function takes no mask, to stay one formula): a caller with a ragged edge clamps
-its indices (`tl.minimum(cols, K - 1)`) and zeroes what it does not want with `tl.where`.
+its indices (`tl.minimum(cols, K - 1)`) and zeroes what it does not want with `tl.where`. Packed data must start at
+an even address (`check_aligned`): the float16 scales are then read as float16, one load each.
 
 Host side: `dequantize(w)` (the whole matrix, float32), `rows(w, ids)` (selected rows, e.g. the embedding),
 `qtype_id(w)` (the QTYPE constexpr) and `row_stride(w)`, all plain torch on the weight's own device.
@@ -85,9 +86,29 @@ def _byte(ptr):
 
 @triton.jit
 def _f16(ptr):
-    """The float16 at `ptr` (little-endian, any alignment) as float32."""
-    bits = _byte(ptr) | (_byte(ptr + 1) << 8)
-    return bits.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    """The float16 at byte pointer `ptr` as float32. Every GGUF scale sits at an even offset of an even-sized
+    block, so with an even base address (launchers check it) it is one 2-byte load."""
+    return tl.load(ptr.to(tl.pointer_type(tl.float16))).to(tl.float32)
+
+
+@triton.jit
+def _i8_pair(ptr):
+    """The two int8 at an even byte pointer, as float32 (one 2-byte load): (ptr[0], ptr[1])."""
+    v = tl.load(ptr.to(tl.pointer_type(tl.int16))).to(tl.int32)
+    return _i8_to_f32(v & 255), _i8_to_f32((v >> 8) & 255)
+
+
+@triton.jit
+def _small_int_to_f32(q, ZERO: tl.constexpr = 0):
+    """float(q - ZERO) for int32 0 <= q < 2**23, exactly, without I2F (a quarter-rate instruction on NVIDIA GPUs,
+    and the bottleneck of a decode loop): the bits 0x4B000000 | q are the float 2**23 + q."""
+    return (q | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + ZERO)
+
+
+@triton.jit
+def _i8_to_f32(b):
+    """float of a byte (int32 0..255) read as int8."""
+    return _small_int_to_f32(b ^ 128, 128)
 
 
 @triton.jit
@@ -99,7 +120,7 @@ def _k_scale_min(sc_ptr, j):
     b_low = _byte(sc_ptr + (j & 3))  # for j >= 4: byte j - 4, which holds the scale's top two bits
     sc = tl.where(lo, b_j & 63, (b_j4 & 15) | ((b_low >> 6) << 4))
     m = tl.where(lo, b_j4 & 63, (b_j4 >> 4) | ((b_j >> 6) << 4))
-    return sc.to(tl.float32), m.to(tl.float32)
+    return _small_int_to_f32(sc), _small_int_to_f32(m)
 
 
 @triton.jit
@@ -142,24 +163,24 @@ def dequant(w_ptr, rows, cols, row_stride, QTYPE: tl.constexpr):
         i = cols % BLOCK  # element within its block
         blk = w_ptr + rows.to(tl.int64) * row_stride + (cols // BLOCK) * SIZE
         if QTYPE == 8:  # Q8_0
-            q = tl.load(blk + 2 + i).to(tl.int8, bitcast=True).to(tl.float32)
+            q = _i8_to_f32(_byte(blk + 2 + i))
             return _f16(blk) * q
         elif QTYPE == 2 or QTYPE == 3:  # Q4_0, Q4_1
             QS: tl.constexpr = 2 if QTYPE == 2 else 4
-            q = ((_byte(blk + QS + (i & 15)) >> ((i >> 4) << 2)) & 15).to(tl.float32)
+            q = (_byte(blk + QS + (i & 15)) >> ((i >> 4) << 2)) & 15
             if QTYPE == 2:
-                return _f16(blk) * (q - 8.0)
+                return _f16(blk) * _small_int_to_f32(q, 8)
             else:
-                return _f16(blk) * q + _f16(blk + 2)
+                return _f16(blk) * _small_int_to_f32(q) + _f16(blk + 2)
         elif QTYPE == 6 or QTYPE == 7:  # Q5_0, Q5_1
             QH: tl.constexpr = 2 if QTYPE == 6 else 4
             lo = (_byte(blk + QH + 4 + (i & 15)) >> ((i >> 4) << 2)) & 15
             hi = (_byte(blk + QH + (i >> 3)) >> (i & 7)) & 1
-            q = (lo | (hi << 4)).to(tl.float32)
+            q = lo | (hi << 4)
             if QTYPE == 6:
-                return _f16(blk) * (q - 16.0)
+                return _f16(blk) * _small_int_to_f32(q, 16)
             else:
-                return _f16(blk) * q + _f16(blk + 2)
+                return _f16(blk) * _small_int_to_f32(q) + _f16(blk + 2)
         elif QTYPE == 12 or QTYPE == 13:  # Q4_K, Q5_K
             QS: tl.constexpr = 16 if QTYPE == 12 else 48
             j = i >> 5  # sub-block of 32
@@ -167,15 +188,15 @@ def dequant(w_ptr, rows, cols, row_stride, QTYPE: tl.constexpr):
             q = (_byte(blk + QS + (i >> 6) * 32 + (i & 31)) >> ((j & 1) << 2)) & 15
             if QTYPE == 13:
                 q = q | (((_byte(blk + 16 + (i & 31)) >> j) & 1) << 4)
-            return _f16(blk) * sc * q.to(tl.float32) - _f16(blk + 2) * m
+            return _f16(blk) * sc * _small_int_to_f32(q) - _f16(blk + 2) * m
         else:  # Q6_K
             h = i >> 7
             g = (i >> 5) & 3
             l = i & 31
             lo = (_byte(blk + h * 64 + l + ((g & 1) << 5)) >> ((g >> 1) << 2)) & 15
             hi = (_byte(blk + 128 + h * 32 + l) >> (g << 1)) & 3
-            sc = tl.load(blk + 192 + (i >> 4)).to(tl.int8, bitcast=True).to(tl.float32)
-            return _f16(blk + 208) * sc * ((lo | (hi << 4)) - 32).to(tl.float32)
+            sc = _i8_to_f32(_byte(blk + 192 + (i >> 4)))
+            return _f16(blk + 208) * sc * _small_int_to_f32(lo | (hi << 4), 32)
 
 
 @triton.jit
@@ -194,6 +215,7 @@ def dequantize_triton(w: DevicePacked | torch.Tensor, block_n: int = 32, block_k
     """`dequantize` through the Triton kernel: float32 of w's shape."""
     shape = tuple(w.shape)
     n, k = math.prod(shape[:-1]), shape[-1]
+    check_aligned(w, "dequantize_triton")
     out = torch.empty(shape, dtype=torch.float32, device=_device(w))
     grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
     dequant_kernel[grid](_ptr(w), out, n, k, row_stride(w), QTYPE=qtype_id(w), BLOCK_N=block_n, BLOCK_K=block_k)
@@ -223,6 +245,13 @@ def row_stride(w: DevicePacked | torch.Tensor) -> int:
     if isinstance(w, DevicePacked):
         return int(w.data.stride(-2)) if w.data.dim() > 1 else int(w.data.shape[-1])
     return int(w.stride(-2)) if w.dim() > 1 else int(w.shape[-1])
+
+
+def check_aligned(w: DevicePacked | torch.Tensor, what: str) -> None:
+    """Refuse packed bytes at an odd address (a launcher's host-side check; no device read). Uploads, file maps
+    (GGUF aligns tensor data to 32) and whole rows or experts of either are even."""
+    if isinstance(w, DevicePacked) and w.data.data_ptr() % 2:
+        raise ValueError(f"{what}: packed weight bytes start at an odd address")
 
 
 def _ptr(w: DevicePacked | torch.Tensor) -> torch.Tensor:
