@@ -88,7 +88,7 @@ import triton
 import triton.language as tl
 
 from dgrun.backends.torch.ops_cpu import linear, rms_norm
-from dgrun.kernels.dequant import dequantize, qtype_id
+from dgrun.kernels.dequant import check_aligned, dequantize, qtype_id
 from dgrun.kernels.qmatmul import CHUNK, dot_packed
 from dgrun.packed import DevicePacked
 
@@ -303,6 +303,7 @@ def _stack(w) -> tuple[torch.Tensor, int, int, int]:
     if len(w.shape) != 3 or w.shape[-1] % CHUNK[qtype] or data.stride(-1) != 1:
         raise ValueError(f"moe: expert stacks are (E, N, K), rows contiguous, K a multiple of {CHUNK[qtype]}; "
                          f"got {tuple(w.shape)}")
+    check_aligned(w, "moe")  # dot_packed reads float16 scales as 2-byte loads; every block size is even
     return data, qtype, data.stride(1), data.stride(0)
 
 
