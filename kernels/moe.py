@@ -64,8 +64,8 @@ kernels on a GPU; ``CONFIGS``). With ``num_warps = 4``:
   would decode most experts twice; the padded MMA rows cost far less than the decode, and padded rows are
   masked loads that move no bytes).
 
-For bf16 x that is 56 to 161 registers on sm_90 and no spills on any target in AOT (Q6_K's gate_up reaches
-255 registers on the others). K (H for gate_up, I for down) must be a whole number of ``dot_packed`` chunks
+For bf16 x that is 56 to 90 registers on sm_90 but Q6_K's gate_up (232; about 250 on the other targets), and
+no spills on any target in AOT. K (H for gate_up, I for down) must be a whole number of ``dot_packed`` chunks
 (32, 64 for Q4_K/Q5_K, 128 for Q6_K): DiffusionGemma 26B-A4B's H = 2816 and I = 704 are; ragged N tiles are
 clamped and masked.
 
