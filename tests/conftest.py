@@ -1,8 +1,15 @@
+import os
 import sys
 from pathlib import Path
 
-import pytest
-import torch
+# Triton reads TRITON_INTERPRET when it decorates a kernel, its own standard library (tl.zeros, ...) included, at
+# its first import: set it before any test module is collected (test_kernels_aot imports triton first), or the
+# kernel tests' interpreted kernels call compiled library functions and fail. test_kernels_aot unsets it for
+# its compiling subprocess.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 
