@@ -1,0 +1,153 @@
+"""
+Self-conditioning: softmax(processed logits) @ embedding, without the probabilities
+===================================================================================
+
+The next denoising step reads, besides its canvas, the expected embedding under this step's distribution:
+
+    soft = softmax(processed) @ embed * scale          (R, H),  R = B * C positions, contraction over V
+
+`ops_cpu.head_and_sample` builds the (R, V) probabilities and multiplies. At the real shape they are 268 MB of
+float32 per batch row, read and written once more than needed. Here the probabilities exist only in registers:
+this is a GEMM whose A operand is computed in its prologue from the processed logits (written once by
+`kernels/head_sampler.py`) and the per-position max M and total S = sum exp(l - M) of its reduce:
+
+    A[r, v] = exp(l[r, v] - M[r]) * (1 / S[r])
+
+and whose B operand is the embedding itself, (V, H) row-major as GGUF stores it: the contraction runs over its
+*rows* (vocabulary ids) and the tile is decoded in registers by `kernels.dequant.dequant(rows=k, cols=n)`, any
+packed type or a float tensor.
+
+Precision, matched to the reference (`ops_cpu.head_and_sample`):
+- float32 model: A and the decoded weights stay float32 and `tl.dot` runs with input_precision="ieee", so
+  fp32 parity holds to ~1e-6 (the sum order differs). Slow on tensor cores, but a float32 model is a test mode.
+- bf16 model: the reference takes the softmax of the processed logits *cast to bf16*, in float32, then casts
+  the probabilities to bf16 and runs a bf16 matmul. The prologue does the same: l rounded to bf16, M and S of
+  those rounded logits (`Reduced.soft_max`, `soft_total`: the partials keep a bf16 sum for this), p rounded to
+  bf16; the decoded weights are rounded to bf16 (as `dequantize(embed).to(bfloat16)` would); fp32 accumulation;
+  the sum rounded to bf16, then times scale in bf16, as the reference's two bf16 ops. The bf16 roundings use
+  `head_sampler.round_bf16` (integer maths: the interpreter's cast truncates). p differs from torch's softmax
+  by an ulp or so of float32 before its bf16 rounding (torch's exp and reciprocal differ), so a rare p lands on
+  the other side of a bf16 rounding boundary; the result agrees to bf16 resolution, not bit for bit.
+
+Blocks: the contraction is long (V = 262,144) and the output small (R x H = 256 x 2816 at batch 1), so the grid
+is (M tiles, N tiles, SPLIT_K): each program sums its slice of the vocabulary into float32 partials
+(SPLIT_K, R, H), summed in torch (deterministic, no atomics). BLOCK_M = 128 for R >= 128 (the embedding is
+read once per M tile: twice at batch 1), 16 below (tiny models and tests); BLOCK_N = 64, BLOCK_K = 32 (a
+32 x 64 weight tile decodes 16 values per thread at 4 warps). SPLIT_K fills about two waves of the device's
+SMs. All programs stream the vocabulary in the same order, so the processed-logit tiles an N-tile neighbour
+just read are still in L2.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from dgrun.kernels.dequant import PACKED_TYPES, _ptr, dequant, qtype_id, row_stride
+from dgrun.kernels.head_sampler import INTERPRET, round_bf16
+
+
+@triton.jit
+def _dot_bf16(a, b, acc):
+    """acc + a @ b for float32 tiles holding bf16 values: tensor cores on the GPU. The interpreter's bf16
+    tl.dot multiplies the raw uint16 bits, so there it runs in float32, which is exact for bf16 products."""
+    if INTERPRET:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
+
+
+@triton.jit
+def soft_kernel(p_ptr, max_ptr, total_ptr, w_ptr, out_ptr,
+                R, V, H, stride_p, w_stride, k_per_split,
+                QTYPE: tl.constexpr, BF16: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Program (m, n, k): out[k, m tile, n tile] = sum over vocabulary slice k of softmax(l) * embed."""
+    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < R
+    row_max = tl.load(max_ptr + offs_m, mask=m_mask, other=0.0)
+    inv_total = 1.0 / tl.load(total_ptr + offs_m, mask=m_mask, other=1.0)
+    cols = tl.minimum(offs_n, H - 1)[None, :]  # dequant takes no mask: clamp, the store drops the extra columns
+    p_rows = p_ptr + offs_m.to(tl.int64)[:, None] * stride_p
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, V)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < k_hi
+        l = tl.load(p_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=-float("inf"))
+        w = dequant(w_ptr, tl.minimum(offs_k, V - 1)[:, None], cols, w_stride, QTYPE)
+        if BF16:
+            p = round_bf16(tl.exp(round_bf16(l) - row_max[:, None]) * inv_total[:, None])
+            acc = _dot_bf16(p, round_bf16(w), acc)
+        else:
+            p = tl.exp(l - row_max[:, None]) * inv_total[:, None]  # 0 outside the slice: exp(-inf)
+            acc = tl.dot(p, w, acc, input_precision="ieee")
+    out = out_ptr + (pid_k * R + offs_m.to(tl.int64))[:, None] * H + offs_n[None, :]
+    tl.store(out, acc, mask=m_mask[:, None] & (offs_n[None, :] < H))
+
+
+def config(rows: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K) for R = rows positions (see the module docstring)."""
+    return (128, 64, 32) if rows >= 128 else (32, 128, 64)
+
+
+def _split_k(tiles: int, device: torch.device) -> int:
+    """Vocabulary slices so that about two waves of programs fill the device (1 off the GPU)."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(32, 2 * sms // tiles))
+
+
+def soft_embedding(processed: torch.Tensor, row_max: torch.Tensor, total: torch.Tensor, embed,
+                   scale: torch.Tensor, dtype: torch.dtype, split_k: int | None = None) -> torch.Tensor:
+    """(R, H) in `dtype` = softmax(processed) @ embed * scale, from processed (R, V) float32 logits and their
+    per-position max and sum exp(l - max) (`head_sampler.Reduced.soft_max`, `soft_total`).
+    embed (V, H): DevicePacked or a float tensor. dtype bfloat16 rounds as the reference does (docstring)."""
+    r, v = processed.shape
+    h = embed.shape[-1]
+    block_m, block_n, block_k = config(r)
+    tiles = triton.cdiv(r, block_m) * triton.cdiv(h, block_n)
+    split_k = split_k or _split_k(tiles, processed.device)
+    k_per_split = triton.cdiv(triton.cdiv(v, split_k), block_k) * block_k
+    split_k = triton.cdiv(v, k_per_split)
+    parts = torch.empty(split_k, r, h, dtype=torch.float32, device=processed.device)
+    grid = (triton.cdiv(r, block_m), triton.cdiv(h, block_n), split_k)
+    soft_kernel[grid](processed, row_max.contiguous(), total.contiguous(), _ptr(embed), parts,
+                      r, v, h, processed.stride(0), row_stride(embed), k_per_split,
+                      QTYPE=qtype_id(embed), BF16=dtype == torch.bfloat16,
+                      BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+    soft = parts.sum(0) if split_k > 1 else parts[0]
+    return soft.to(dtype) * scale.to(dtype)  # the reference's (probs @ embed) * scale, in the model's dtype
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Ahead-of-time configurations: the two block configs x every weight type x fp32 / bf16 models
+# ----------------------------------------------------------------------------------------------------------------
+
+def _aot():
+    from gguf import GGMLQuantizationType as QT
+
+    out = []
+    weights = [(int(t), "*u8") for t in PACKED_TYPES] + [(int(QT.F32), "*fp32"), (int(QT.BF16), "*bf16")]
+    for qtype, w_ty in weights:
+        for bf16 in (False, True):
+            if (qtype == int(QT.F32) and bf16) or (qtype == int(QT.BF16) and not bf16):
+                continue  # a float embedding has the model's dtype
+            for rows in (16, 256):
+                block_m, block_n, block_k = config(rows)
+                sig = {"p_ptr": "*fp32", "max_ptr": "*fp32", "total_ptr": "*fp32", "w_ptr": w_ty, "out_ptr": "*fp32",
+                       "R": "i32", "V": "i32", "H": "i32", "stride_p": "i32", "w_stride": "i32", "k_per_split": "i32",
+                       "QTYPE": "constexpr", "BF16": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
+                       "BLOCK_K": "constexpr"}
+                out.append((soft_kernel, sig, {"QTYPE": qtype, "BF16": bf16, "BLOCK_M": block_m,
+                                               "BLOCK_N": block_n, "BLOCK_K": block_k}))
+    return out
+
+
+AOT = _aot()
