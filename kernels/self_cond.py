@@ -31,10 +31,11 @@ Precision, matched to the reference (`ops_cpu.head_and_sample`):
 
 Blocks: the contraction is long (V = 262,144) and the output small (R x H = 256 x 2816 at batch 1), so the grid
 is (M tiles, N tiles, SPLIT_K): each program sums its slice of the vocabulary into float32 partials
-(SPLIT_K, R, H), summed in torch (deterministic, no atomics). BLOCK_M = 128 for R >= 128 (the embedding is
-read once per M tile: twice at batch 1), 16 below (tiny models and tests); BLOCK_N = 64, BLOCK_K = 32 (a
-32 x 64 weight tile decodes 16 values per thread at 4 warps). SPLIT_K fills about two waves of the device's
-SMs. All programs stream the vocabulary in the same order, so the processed-logit tiles an N-tile neighbour
+(SPLIT_K, R, H), summed in torch (deterministic, no atomics). For R >= 128 (every real batch: C = 256),
+BLOCK_M = 128 for bf16 (the embedding is read once per M tile: twice at batch 1), 64 for fp32 (whose ieee dot
+needs more registers), BLOCK_N = 64, BLOCK_K = 32: a 32 x 64 weight tile decodes 16 values a thread at 4 warps.
+Below 128 rows (tiny models, tests): 32 x 128 x 32. Each is the largest that compiles without spills on sm_90
+for every weight type. SPLIT_K fills about two waves of the device's SMs. All programs stream the vocabulary in the same order, so the processed-logit tiles an N-tile neighbour
 just read are still in L2.
 """
 
@@ -91,9 +92,12 @@ def soft_kernel(p_ptr, max_ptr, total_ptr, w_ptr, out_ptr,
     tl.store(out, acc, mask=m_mask[:, None] & (offs_n[None, :] < H))
 
 
-def config(rows: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K) for R = rows positions (see the module docstring)."""
-    return (128, 64, 32) if rows >= 128 else (32, 128, 64)
+def config(rows: int, bf16: bool) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K) for R = rows positions: the largest tiles that compile without spills at 4
+    warps on sm_90 for every weight type (ptxas -v; see the AOT table)."""
+    if rows < 128:
+        return 32, 128, 32
+    return (128, 64, 32) if bf16 else (64, 64, 32)
 
 
 def _split_k(tiles: int, device: torch.device) -> int:
@@ -111,7 +115,7 @@ def soft_embedding(processed: torch.Tensor, row_max: torch.Tensor, total: torch.
     embed (V, H): DevicePacked or a float tensor. dtype bfloat16 rounds as the reference does (docstring)."""
     r, v = processed.shape
     h = embed.shape[-1]
-    block_m, block_n, block_k = config(r)
+    block_m, block_n, block_k = config(r, dtype == torch.bfloat16)
     tiles = triton.cdiv(r, block_m) * triton.cdiv(h, block_n)
     split_k = split_k or _split_k(tiles, processed.device)
     k_per_split = triton.cdiv(triton.cdiv(v, split_k), block_k) * block_k
@@ -127,27 +131,31 @@ def soft_embedding(processed: torch.Tensor, row_max: torch.Tensor, total: torch.
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Ahead-of-time configurations: the two block configs x every weight type x fp32 / bf16 models
+# Ahead-of-time configurations
 # ----------------------------------------------------------------------------------------------------------------
 
-def _aot():
+def aot(full: bool = False) -> list:
+    """(kernel, signature, constexprs) per launch configuration. The default list: the batch config (R >= 128)
+    for bf16 models over the embedding types published files hold (Q6_K in Q4_K_M, Q8_0, BF16) and the other
+    K-quants, for fp32 models over Q6_K and F32, and the small-R config once. full=True: both configs x every
+    weight type x fp32 / bf16 (36 entries)."""
     from gguf import GGMLQuantizationType as QT
 
-    out = []
-    weights = [(int(t), "*u8") for t in PACKED_TYPES] + [(int(QT.F32), "*fp32"), (int(QT.BF16), "*bf16")]
-    for qtype, w_ty in weights:
-        for bf16 in (False, True):
-            if (qtype == int(QT.F32) and bf16) or (qtype == int(QT.BF16) and not bf16):
-                continue  # a float embedding has the model's dtype
-            for rows in (16, 256):
-                block_m, block_n, block_k = config(rows)
-                sig = {"p_ptr": "*fp32", "max_ptr": "*fp32", "total_ptr": "*fp32", "w_ptr": w_ty, "out_ptr": "*fp32",
-                       "R": "i32", "V": "i32", "H": "i32", "stride_p": "i32", "w_stride": "i32", "k_per_split": "i32",
-                       "QTYPE": "constexpr", "BF16": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
-                       "BLOCK_K": "constexpr"}
-                out.append((soft_kernel, sig, {"QTYPE": qtype, "BF16": bf16, "BLOCK_M": block_m,
-                                               "BLOCK_N": block_n, "BLOCK_K": block_k}))
-    return out
+    def entry(qtype: QT, bf16: bool, rows: int):
+        w_ty = {QT.F32: "*fp32", QT.F16: "*fp16", QT.BF16: "*bf16"}.get(qtype, "*u8")
+        block_m, block_n, block_k = config(rows, bf16)
+        sig = {"p_ptr": "*fp32", "max_ptr": "*fp32", "total_ptr": "*fp32", "w_ptr": w_ty, "out_ptr": "*fp32",
+               "R": "i32", "V": "i32", "H": "i32", "stride_p": "i32", "w_stride": "i32", "k_per_split": "i32",
+               "QTYPE": "constexpr", "BF16": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
+               "BLOCK_K": "constexpr"}
+        return soft_kernel, sig, {"QTYPE": int(qtype), "BF16": bf16, "BLOCK_M": block_m, "BLOCK_N": block_n,
+                                  "BLOCK_K": block_k}
+
+    if full:
+        types = [(t, bf16) for t in PACKED_TYPES for bf16 in (False, True)] + [(QT.F32, False), (QT.BF16, True)]
+        return [entry(t, bf16, rows) for rows in (32, 256) for t, bf16 in types]
+    return ([entry(t, True, 256) for t in (QT.Q6_K, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.BF16)]
+            + [entry(t, False, 256) for t in (QT.Q6_K, QT.F32)] + [entry(QT.Q6_K, True, 32)])
 
 
-AOT = _aot()
+AOT = aot()
