@@ -78,9 +78,12 @@ def _div(a, b):
 
 @triton.jit
 def _tanh(x):
-    if INTERPRET:  # libdevice is GPU-only: tanh from exp, sign-symmetric so exp never overflows
-        e = tl.exp(-2.0 * tl.abs(x))
-        t = (1.0 - e) / (1.0 + e)
+    if INTERPRET:  # libdevice is GPU-only: tanh from exp (no overflow), its Taylor series near 0 (no cancellation)
+        a = tl.abs(x)
+        e = tl.exp(-2.0 * a)
+        x2 = x * x
+        series = a * (1.0 + x2 * (-1.0 / 3 + x2 * (2.0 / 15 + x2 * (-17.0 / 315 + x2 * (62.0 / 2835)))))
+        t = tl.where(a < 0.2, series, (1.0 - e) / (1.0 + e))
         return tl.where(x < 0, -t, t)
     else:
         return libdevice.tanh(x)
@@ -215,19 +218,29 @@ def head_and_sample(x: torch.Tensor, embed, cap: float | None, state: sampler.St
                     split: int = SPLIT) -> sampler.State:
     """ops_cpu.head_and_sample on the cuda backend: x (B, C, H) final hidden states, embed the tied embedding
     (DevicePacked or a float tensor of x's dtype); returns the next state with its soft embedding."""
+    b, c, h = x.shape
+    logits = logits_of(x.reshape(b * c, h), embed)
+    return sample_logits(logits, embed, cap, state, scale, x.dtype, split)
+
+
+def sample_logits(logits: torch.Tensor, embed, cap: float | None, state: sampler.State, scale: torch.Tensor,
+                  dtype: torch.dtype, split: int = SPLIT) -> sampler.State:
+    """The head after its matmul: logits (B*C, V) in the model's `dtype` (float32 ones are overwritten by the
+    processed logits) -> the next state, its soft embedding included."""
     from dgrun.kernels import self_cond
 
-    b, c, h = x.shape
-    bf16 = x.dtype != torch.float32
-    logits = logits_of(x.reshape(b * c, h), embed)
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise TypeError(f"the head runs float32 or bfloat16 models, not {dtype}")
+    b, c = state.canvas.shape
+    bf16 = dtype == torch.bfloat16
     processed, stats, index = partials(logits, sampler.temperature(state).contiguous(), c, cap, bf16, split)
     red = reduce_partials(stats, index, bf16)
     u = rng.uniform(state.seed, state.block, state.step + 1, rng.DRAW, c)  # keyed by the step being taken
     sampled = draw(processed, red, u.reshape(-1), split)
-    vocab = processed.shape[-1]
-    nxt = sampler.settle(state, sampled.view(b, c), red.argmax.view(b, c), red.entropy.view(b, c), vocab)
+    nxt = sampler.settle(state, sampled.view(b, c), red.argmax.view(b, c), red.entropy.view(b, c),
+                         processed.shape[-1])
     nxt.soft = self_cond.soft_embedding(processed, red.soft_max, red.soft_total, embed, scale,
-                                        x.dtype).view(b, c, h)
+                                        dtype).view(b, c, -1)
     return nxt
 
 
