@@ -63,6 +63,10 @@ Q5_K: tl.constexpr = tl.constexpr(13)
 Q6_K: tl.constexpr = tl.constexpr(14)
 BF16: tl.constexpr = tl.constexpr(30)
 
+# Under TRITON_INTERPRET=1 (the CPU test mode) kernels run as Python: the same knob Triton reads when it decorates
+# them. The interpreter's tl.dot multiplies bfloat16's raw storage bits, so `mma` takes another path there.
+INTERPRETING: tl.constexpr = tl.constexpr(bool(triton.knobs.runtime.interpret))
+
 # Every type a kernel reads: the block-packed ones, then the plain float ones (torch tensors of their dtype).
 PACKED_TYPES = (QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q4_K, QT.Q5_K, QT.Q6_K)
 FLOAT_TYPES = (QT.F32, QT.F16, QT.BF16)
@@ -96,6 +100,16 @@ def _k_scale_min(sc_ptr, j):
     sc = tl.where(lo, b_j & 63, (b_j4 & 15) | ((b_low >> 6) << 4))
     m = tl.where(lo, b_j4 & 63, (b_j4 >> 4) | ((b_j >> 6) << 4))
     return sc.to(tl.float32), m.to(tl.float32)
+
+
+@triton.jit
+def mma(a, b, acc, DOT_PRECISION: tl.constexpr = "ieee"):
+    """acc + a @ b with float32 accumulation: tl.dot, except under the interpreter, whose tl.dot gets bfloat16
+    wrong (it multiplies the raw bits), where 16-bit operands go through float32 (exact: they are exact there)."""
+    if INTERPRETING and a.dtype != tl.float32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    else:
+        return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -291,3 +305,17 @@ def rows(w: DevicePacked | torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         return w.index_select(0, ids.reshape(-1)).float()
     picked = DevicePacked(w.data.index_select(0, ids.reshape(-1)), w.qtype, (ids.numel(), w.shape[-1]))
     return dequantize(picked)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Ahead-of-time configurations (tests/test_kernels_aot.py compiles them for sm_80 ... sm_120)
+# ----------------------------------------------------------------------------------------------------------------
+
+def AOT():
+    """The element-wise decoder on every type (the tile other kernels call it on: 32 x 64)."""
+    sig = {"w_ptr": None, "out_ptr": "*fp32", "N": "i32", "K": "i32", "row_stride": "i32",
+           "QTYPE": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
+    ptr = {QT.F32: "*fp32", QT.F16: "*fp16", QT.BF16: "*bf16"}
+    div = dict(divisible_by_16=("w_ptr", "out_ptr", "K"))
+    return [(dequant_kernel, {**sig, "w_ptr": ptr.get(q, "*u8")}, dict(QTYPE=int(q), BLOCK_N=32, BLOCK_K=64), div)
+            for q in TYPES]
