@@ -58,9 +58,9 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from dgrun.backends.torch import rng, sampler
+from dgrun.kernels.dequant import INTERPRETING
 
 SPLIT = 1024  # vocabulary split width (see the module docstring)
-INTERPRET: tl.constexpr = tl.constexpr(bool(triton.knobs.runtime.interpret))  # read when kernels are defined
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -70,7 +70,7 @@ INTERPRET: tl.constexpr = tl.constexpr(bool(triton.knobs.runtime.interpret))  # 
 @triton.jit
 def _div(a, b):
     """IEEE a / b (Triton's `/` on float32 is the approximate div.full; the reference divides exactly)."""
-    if INTERPRET:
+    if INTERPRETING:
         return a / b
     else:
         return libdevice.div_rn(a, b)
@@ -78,7 +78,7 @@ def _div(a, b):
 
 @triton.jit
 def _tanh(x):
-    if INTERPRET:  # libdevice is GPU-only: tanh from exp (no overflow), its Taylor series near 0 (no cancellation)
+    if INTERPRETING:  # libdevice is GPU-only: tanh from exp (no overflow), its Taylor series near 0 (no cancellation)
         a = tl.abs(x)
         e = tl.exp(-2.0 * a)
         x2 = x * x
@@ -211,7 +211,7 @@ def logits_of(x: torch.Tensor, embed) -> torch.Tensor:
     """(R, H) @ embed.T -> (R, V) in x's dtype, the embedding decoded in registers."""
     from dgrun.kernels.qmatmul import qmatmul
 
-    return qmatmul(x, embed)
+    return qmatmul(x, embed, precision="ieee")  # float32 models are the parity mode: exact products
 
 
 def head_and_sample(x: torch.Tensor, embed, cap: float | None, state: sampler.State, scale: torch.Tensor,
@@ -249,15 +249,21 @@ def sample_logits(logits: torch.Tensor, embed, cap: float | None, state: sampler
 # ----------------------------------------------------------------------------------------------------------------
 
 def _aot():
+    """The launches at the real shape: V = 262,144 and C = 256, so V, C, the splits and the row strides are
+    multiples of 16 (as the JIT specializes them), like every torch allocation's address."""
     out = []
+    ptrs = ("logits_ptr", "processed_ptr", "temp_ptr", "stats_ptr", "index_ptr")
     for dtype, bf16 in (("fp32", False), ("bf16", True)):
         sig = {"logits_ptr": f"*{dtype}", "processed_ptr": "*fp32", "temp_ptr": "*fp32", "stats_ptr": "*fp32",
                "index_ptr": "*i32", "V": "i32", "C": "i32", "n_splits": "i32", "stride_l": "i32",
                "stride_p": "i32", "cap": "fp32", "SPLIT": "constexpr", "SOFTCAP": "constexpr", "BF16": "constexpr"}
-        out.append((partials_kernel, sig, {"SPLIT": SPLIT, "SOFTCAP": True, "BF16": bf16}))
+        div = ptrs + ("V", "C", "n_splits", "stride_l", "stride_p")
+        out.append((partials_kernel, sig, {"SPLIT": SPLIT, "SOFTCAP": True, "BF16": bf16},
+                    {"divisible_by_16": div}))
     sig = {"processed_ptr": "*fp32", "split_ptr": "*i64", "start_ptr": "*fp32", "target_ptr": "*fp32",
            "max_ptr": "*fp32", "out_ptr": "*i64", "V": "i32", "stride_p": "i32", "SPLIT": "constexpr"}
-    out.append((draw_kernel, sig, {"SPLIT": SPLIT}))
+    div = ("processed_ptr", "split_ptr", "start_ptr", "target_ptr", "max_ptr", "out_ptr", "V", "stride_p")
+    out.append((draw_kernel, sig, {"SPLIT": SPLIT}, {"divisible_by_16": div}))
     return out
 
 

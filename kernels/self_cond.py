@@ -31,12 +31,15 @@ Precision, matched to the reference (`ops_cpu.head_and_sample`):
 
 Blocks: the contraction is long (V = 262,144) and the output small (R x H = 256 x 2816 at batch 1), so the grid
 is (M tiles, N tiles, SPLIT_K): each program sums its slice of the vocabulary into float32 partials
-(SPLIT_K, R, H), summed in torch (deterministic, no atomics). For R >= 128 (every real batch: C = 256),
-BLOCK_M = 128 for bf16 (the embedding is read once per M tile: twice at batch 1), 64 for fp32 (whose ieee dot
-needs more registers), BLOCK_N = 64, BLOCK_K = 32: a 32 x 64 weight tile decodes 16 values a thread at 4 warps.
-Below 128 rows (tiny models, tests): 32 x 128 x 32. Each is the largest that compiles without spills on sm_90
-for every weight type. SPLIT_K fills about two waves of the device's SMs. All programs stream the vocabulary in the same order, so the processed-logit tiles an N-tile neighbour
-just read are still in L2.
+(SPLIT_K, R, H), summed in torch (deterministic, no atomics). The element-wise decode costs tens of integer
+instructions per weight, more than streaming the weight's bytes, and each M tile decodes the whole embedding
+once, so for a bf16 model BLOCK_M covers every position of a batch row: 256 rows x BLOCK_N = 64 at 8 warps
+(178 registers, no spills on sm_90; 96 KB of shared memory for the pipelined tiles, within sm_86/89/120's
+99 KB), 128 rows for 128 <= R < 256. A float32 model (a test mode: its ieee dot runs on CUDA cores) takes
+64 x 64 at 4 warps; fewer than 128 positions (tiny models, tests) 32 x 128. BLOCK_K = 32 throughout. Each is
+the largest tile that compiles without spills on sm_90 for every weight type. SPLIT_K fills about two waves of
+the device's SMs: 6 slices at batch 1 on an H100 (44 N tiles). All programs stream the vocabulary in the same
+order, so the processed-logit tiles a neighbouring N tile just read are still in L2.
 """
 
 from __future__ import annotations
@@ -45,18 +48,8 @@ import torch
 import triton
 import triton.language as tl
 
-from dgrun.kernels.dequant import PACKED_TYPES, _ptr, dequant, qtype_id, row_stride
-from dgrun.kernels.head_sampler import INTERPRET, round_bf16
-
-
-@triton.jit
-def _dot_bf16(a, b, acc):
-    """acc + a @ b for float32 tiles holding bf16 values: tensor cores on the GPU. The interpreter's bf16
-    tl.dot multiplies the raw uint16 bits, so there it runs in float32, which is exact for bf16 products."""
-    if INTERPRET:
-        return tl.dot(a, b, acc, input_precision="ieee")
-    else:
-        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
+from dgrun.kernels.dequant import PACKED_TYPES, _ptr, dequant, mma, qtype_id, row_stride
+from dgrun.kernels.head_sampler import round_bf16
 
 
 @triton.jit
@@ -84,20 +77,22 @@ def soft_kernel(p_ptr, max_ptr, total_ptr, w_ptr, out_ptr,
         w = dequant(w_ptr, tl.minimum(offs_k, V - 1)[:, None], cols, w_stride, QTYPE)
         if BF16:
             p = round_bf16(tl.exp(round_bf16(l) - row_max[:, None]) * inv_total[:, None])
-            acc = _dot_bf16(p, round_bf16(w), acc)
+            acc = mma(p.to(tl.bfloat16), round_bf16(w).to(tl.bfloat16), acc)  # exact casts: already rounded
         else:
             p = tl.exp(l - row_max[:, None]) * inv_total[:, None]  # 0 outside the slice: exp(-inf)
-            acc = tl.dot(p, w, acc, input_precision="ieee")
+            acc = mma(p, w, acc, "ieee")
     out = out_ptr + (pid_k * R + offs_m.to(tl.int64))[:, None] * H + offs_n[None, :]
     tl.store(out, acc, mask=m_mask[:, None] & (offs_n[None, :] < H))
 
 
-def config(rows: int, bf16: bool) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K) for R = rows positions: the largest tiles that compile without spills at 4
-    warps on sm_90 for every weight type (ptxas -v; see the AOT table)."""
+def config(rows: int, bf16: bool) -> dict:
+    """Block sizes and warps for R = rows positions (module docstring): the largest tiles that compile without
+    spills on sm_90 for every weight type (ptxas -v; see the AOT table)."""
     if rows < 128:
-        return 32, 128, 32
-    return (128, 64, 32) if bf16 else (64, 64, 32)
+        return dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=32, num_warps=4)
+    if not bf16:
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4)
+    return dict(BLOCK_M=256 if rows >= 256 else 128, BLOCK_N=64, BLOCK_K=32, num_warps=8)
 
 
 def _split_k(tiles: int, device: torch.device) -> int:
@@ -115,17 +110,16 @@ def soft_embedding(processed: torch.Tensor, row_max: torch.Tensor, total: torch.
     embed (V, H): DevicePacked or a float tensor. dtype bfloat16 rounds as the reference does (docstring)."""
     r, v = processed.shape
     h = embed.shape[-1]
-    block_m, block_n, block_k = config(r, dtype == torch.bfloat16)
-    tiles = triton.cdiv(r, block_m) * triton.cdiv(h, block_n)
+    cfg = config(r, dtype == torch.bfloat16)
+    tiles = triton.cdiv(r, cfg["BLOCK_M"]) * triton.cdiv(h, cfg["BLOCK_N"])
     split_k = split_k or _split_k(tiles, processed.device)
-    k_per_split = triton.cdiv(triton.cdiv(v, split_k), block_k) * block_k
+    k_per_split = triton.cdiv(triton.cdiv(v, split_k), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
     split_k = triton.cdiv(v, k_per_split)
     parts = torch.empty(split_k, r, h, dtype=torch.float32, device=processed.device)
-    grid = (triton.cdiv(r, block_m), triton.cdiv(h, block_n), split_k)
+    grid = (triton.cdiv(r, cfg["BLOCK_M"]), triton.cdiv(h, cfg["BLOCK_N"]), split_k)
     soft_kernel[grid](processed, row_max.contiguous(), total.contiguous(), _ptr(embed), parts,
                       r, v, h, processed.stride(0), row_stride(embed), k_per_split,
-                      QTYPE=qtype_id(embed), BF16=dtype == torch.bfloat16,
-                      BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+                      QTYPE=qtype_id(embed), BF16=dtype == torch.bfloat16, **cfg)
     soft = parts.sum(0) if split_k > 1 else parts[0]
     return soft.to(dtype) * scale.to(dtype)  # the reference's (probs @ embed) * scale, in the model's dtype
 
@@ -143,13 +137,16 @@ def aot(full: bool = False) -> list:
 
     def entry(qtype: QT, bf16: bool, rows: int):
         w_ty = {QT.F32: "*fp32", QT.F16: "*fp16", QT.BF16: "*bf16"}.get(qtype, "*u8")
-        block_m, block_n, block_k = config(rows, bf16)
+        cfg = config(rows, bf16)
         sig = {"p_ptr": "*fp32", "max_ptr": "*fp32", "total_ptr": "*fp32", "w_ptr": w_ty, "out_ptr": "*fp32",
                "R": "i32", "V": "i32", "H": "i32", "stride_p": "i32", "w_stride": "i32", "k_per_split": "i32",
                "QTYPE": "constexpr", "BF16": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
                "BLOCK_K": "constexpr"}
-        return soft_kernel, sig, {"QTYPE": int(qtype), "BF16": bf16, "BLOCK_M": block_m, "BLOCK_N": block_n,
-                                  "BLOCK_K": block_k}
+        const = {"QTYPE": int(qtype), "BF16": bf16, **{k: v for k, v in cfg.items() if k != "num_warps"}}
+        # at the real shape (V = 262,144, H = 2816, R = 256 B) all but Q6_K's 2310-byte rows are multiples of 16
+        div = ("p_ptr", "max_ptr", "total_ptr", "w_ptr", "out_ptr", "R", "V", "H", "stride_p", "k_per_split")
+        div += () if qtype == QT.Q6_K else ("w_stride",)
+        return soft_kernel, sig, const, {"num_warps": cfg["num_warps"], "divisible_by_16": div}
 
     if full:
         types = [(t, bf16) for t in PACKED_TYPES for bf16 in (False, True)] + [(QT.F32, False), (QT.BF16, True)]
