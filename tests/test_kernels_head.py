@@ -282,3 +282,32 @@ def test_head_and_sample_matches_ops_cpu(qtype):
         return hs.head_and_sample(x, embed, cap, state, scale, split=SPLIT)
 
     assert_same_steps(run_steps(x, embed, head, steps)[0], run_steps(x, embed, reference_head, steps)[0])
+
+
+def test_head_and_sample_bf16_packed_is_close_to_ops_cpu():
+    """A bf16 model over a Q6_K embedding. The head is its logits (kernels.qmatmul) then `sample_logits`, whose
+    bf16 path matches the reference exactly on the same logits (above); the logits themselves differ from
+    ops_cpu's by bf16 roundings (under the interpreter more: its float32 -> bf16 casts truncate, so qmatmul's
+    decoded weights and output round down), and a softmax at temperature < 1 magnifies a logit's rounding into
+    percents of a probability. So against ops_cpu on dequantize(embed).to(bf16) the bound is statistical:
+    positions whose reference top-2 gap is over 4 bf16 ulps keep their argmax; the soft embedding within 5%."""
+    from gguf import GGMLQuantizationType as QT
+
+    from dgrun.kernels.qmatmul import qmatmul
+
+    embed = weight((V, H), QT.Q6_K, seed=13)
+    x = hidden(58, torch.bfloat16)
+    scale = torch.tensor(16.0).to(torch.bfloat16)
+    got = hs.head_and_sample(x, embed, CAP, start_state(torch.bfloat16), scale, split=SPLIT)
+    same = hs.sample_logits(qmatmul(x.reshape(-1, H), embed), embed, CAP, start_state(torch.bfloat16), scale,
+                            torch.bfloat16, split=SPLIT)
+    assert torch.equal(got.canvas, same.canvas) and torch.equal(got.soft, same.soft)
+
+    ref = reference_head(x, embed, CAP, start_state(torch.bfloat16), scale)
+    logits = torch.tanh((x @ dequantize(embed).to(torch.bfloat16).T).float() / CAP) * CAP
+    top2 = logits.topk(2, -1).values
+    clear = (top2[..., 0] - top2[..., 1]) > 4 * 2.0 ** (torch.frexp(top2[..., 0]).exponent - 8).float()
+    assert clear.float().mean() > 0.5
+    assert torch.equal(got.argmax[clear], ref.argmax[clear])
+    assert got.soft.dtype == torch.bfloat16
+    assert (got.soft.float() - ref.soft.float()).norm() < 0.05 * ref.soft.float().norm()
