@@ -5,11 +5,13 @@ The tied lm_head and the sampler over split-vocabulary partials
 One denoising step ends with the head: logits = x @ embed.T over the whole vocabulary, softcapped and divided by
 each row's temperature, then the entropy-bound sampler (`backends/torch/sampler.py`). At the real shape that is
 256 positions x 262,144 tokens: 268 MB of float32 per batch row. The torch reference makes several passes over
-it (softmax, cumsum, log-softmax, argmax) and keeps the (B*C, V) probabilities. Here the vocabulary is read
-twice, and the probabilities are never written:
+it (softmax, cumsum, log-softmax, argmax) and keeps the (B*C, V) probabilities. Here the logits are written
+once by the matmul, rewritten once as processed logits, then read by the self-conditioning GEMM; the
+probabilities are never written:
 
 1. **Logits.** `kernels.qmatmul.qmatmul(x, embed)`: the packed embedding (Q6_K in Q4_K_M files, Q8_0 in Q8_0
-   files) decoded in registers, fp32 accumulation, (B*C, V) in x's dtype.
+   files) decoded in registers, fp32 accumulation, (B*C, V) in x's dtype (ieee products for a float32 model:
+   the parity mode).
 2. **Partials** (`partials_kernel`, one program per (position, vocabulary split of SPLIT tokens)): softcap
    `tanh(l / cap) * cap` and temperature `l / t[row]` applied on the fly; the *processed* logits are written
    back once as float32 (in place when the logits are float32); and per split:
@@ -40,12 +42,15 @@ twice, and the probabilities are never written:
 Every shape is static and nothing is read back to the host: the whole head runs inside a CUDA graph.
 
 Why SPLIT = 1024: 262,144 / 1024 = 256 splits per position, so (B*C, 256) programs (65,536 at batch 1), each
-loading 4 KB with 4 warps (8 values a thread: 40 registers, no spills on sm_90, where 2048 spilled); the reduce
-and the split search run over 256 values a position (1 MB of partials at batch 1); the draw reads 4 KB a position.
+loading 4 KB with 4 warps (8 values a thread: 32-40 registers and no spills from sm_80 to sm_120, where 2048
+spilled); the reduce and the split search run over 256 values a position (1 MB of partials at batch 1); the
+draw reads 4 KB a position.
 
-Float rounding: the softcap's tanh (libdevice's on the GPU) and the temperature division (`div_rn`, the
-reference's IEEE division) match torch to an ulp or two; sums are taken in another order than torch's. Under
-`TRITON_INTERPRET=1`, libdevice is not available: tanh comes from exp and the division is numpy's (IEEE).
+Float rounding: the softcap's tanh (libdevice's on the GPU) and the temperature division (`div_rn`: Triton's
+float32 `/` is the approximate div.full, the reference divides exactly) match torch to an ulp or two; sums are
+taken in another order than torch's. Under `TRITON_INTERPRET=1` libdevice does not exist: tanh comes from exp
+(and its Taylor series near 0), the division is numpy's. bf16 roundings go through `round_bf16`, integer
+maths, because the interpreter's float32 -> bf16 cast truncates where the GPU's rounds to nearest even.
 """
 
 from __future__ import annotations

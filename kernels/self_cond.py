@@ -124,6 +124,16 @@ def soft_embedding(processed: torch.Tensor, row_max: torch.Tensor, total: torch.
     return soft.to(dtype) * scale.to(dtype)  # the reference's (probs @ embed) * scale, in the model's dtype
 
 
+def soft_embedding_of(processed: torch.Tensor, embed, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The same from (R, V) processed logits alone, their max and total taken in torch: for a caller without
+    the head's reduce (the backend's `denoise(self_cond_logits=...)`); a denoising step passes the reduce's."""
+    p = processed.float().contiguous()
+    rounded = p.to(dtype).float() if dtype == torch.bfloat16 else p  # the bf16 model's softmax input
+    row_max = rounded.max(-1).values
+    total = (rounded - row_max[:, None]).exp().sum(-1)
+    return soft_embedding(p, row_max, total, embed, scale, dtype)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Ahead-of-time configurations
 # ----------------------------------------------------------------------------------------------------------------
@@ -131,8 +141,8 @@ def soft_embedding(processed: torch.Tensor, row_max: torch.Tensor, total: torch.
 def aot(full: bool = False) -> list:
     """(kernel, signature, constexprs) per launch configuration. The default list: the batch config (R >= 128)
     for bf16 models over the embedding types published files hold (Q6_K in Q4_K_M, Q8_0, BF16) and the other
-    K-quants, for fp32 models over Q6_K and F32, and the small-R config once. full=True: both configs x every
-    weight type x fp32 / bf16 (36 entries)."""
+    K-quants, for fp32 models over Q6_K and F32, and the small-R config once. full=True: every config (R = 32,
+    128, 256) x every weight type x fp32 / bf16 (54 entries)."""
     from gguf import GGMLQuantizationType as QT
 
     def entry(qtype: QT, bf16: bool, rows: int):
@@ -150,7 +160,7 @@ def aot(full: bool = False) -> list:
 
     if full:
         types = [(t, bf16) for t in PACKED_TYPES for bf16 in (False, True)] + [(QT.F32, False), (QT.BF16, True)]
-        return [entry(t, bf16, rows) for rows in (32, 256) for t, bf16 in types]
+        return [entry(t, bf16, rows) for rows in (32, 128, 256) for t, bf16 in types]
     return ([entry(t, True, 256) for t in (QT.Q6_K, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.BF16)]
             + [entry(t, False, 256) for t in (QT.Q6_K, QT.F32)] + [entry(QT.Q6_K, True, 32)])
 

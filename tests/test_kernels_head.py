@@ -146,6 +146,23 @@ def test_soft_embedding_float32(qtype):
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_soft_embedding_of_processed_logits_alone(dtype):
+    from gguf import GGMLQuantizationType as QT
+
+    processed = reference_processed(random_logits(2 * C, V, seed=11), torch.tensor([0.6, 0.9]), CAP)
+    embed = weight((V, H), QT.Q8_0, seed=12)
+    scale = torch.tensor(16.0).to(dtype)
+    got = sc.soft_embedding_of(processed, embed, scale, dtype)
+    w = dequantize(embed).to(dtype)
+    if dtype == torch.float32:
+        ref = ops_cpu.soft_embedding(torch.softmax(processed, -1), w, scale)
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    else:
+        ref = bf16_reference_soft(processed, w, scale)
+        assert (got != ref).float().mean() < 0.01
+
+
 def bf16_reference_soft(processed, embed_bf16, scale):
     """ops_cpu's bf16 path: the softmax of the processed logits cast to bf16, the probabilities cast to bf16."""
     probs = processed.to(torch.bfloat16).softmax(-1, dtype=torch.float32)
