@@ -171,6 +171,8 @@ def partials(logits: torch.Tensor, temp: torch.Tensor, positions: int, cap: floa
     (R, splits, 4) float32 [max, sum exp, sum exp * (l - max), bf16 sum exp] and index (R, splits) int32.
     temp (B,) float32 with R = B * positions."""
     r, v = logits.shape
+    if logits.stride(-1) != 1:
+        raise ValueError("partials: the logits' rows must be contiguous")
     n_splits = triton.cdiv(v, split)
     processed = logits if logits.dtype == torch.float32 else torch.empty(r, v, dtype=torch.float32,
                                                                          device=logits.device)
@@ -205,7 +207,7 @@ def draw(processed: torch.Tensor, red: Reduced, u: torch.Tensor, split: int = SP
     cum = red.mass.cumsum(-1)
     target = (u * cum[:, -1]).contiguous()  # as the reference's u * cdf[-1]
     j = torch.searchsorted(cum, target[:, None], right=True).clamp_(max=cum.shape[-1] - 1)
-    start = (cum - red.mass).gather(-1, j)[:, 0].contiguous()  # the mass before split j
+    start = torch.nn.functional.pad(cum[:, :-1], (1, 0)).gather(-1, j)[:, 0].contiguous()  # mass before split j
     tokens = torch.empty(r, dtype=torch.int64, device=processed.device)
     draw_kernel[(r,)](processed, j[:, 0].contiguous(), start, target, red.max.contiguous(), tokens, v,
                       processed.stride(0), SPLIT=split)
