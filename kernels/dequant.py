@@ -91,6 +91,19 @@ def _f16(ptr):
 
 
 @triton.jit
+def _small_int_to_f32(q, ZERO: tl.constexpr = 0):
+    """float(q - ZERO) for int32 0 <= q < 2**23, exactly, without I2F (a quarter-rate instruction on NVIDIA GPUs,
+    and the bottleneck of a decode loop): the bits 0x4B000000 | q are the float 2**23 + q."""
+    return (q | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + ZERO)
+
+
+@triton.jit
+def _i8_to_f32(b):
+    """float of a byte (int32 0..255) read as int8."""
+    return _small_int_to_f32(b ^ 128, 128)
+
+
+@triton.jit
 def _k_scale_min(sc_ptr, j):
     """Q4_K / Q5_K: the 6-bit (scale, min) of sub-block j (0..7) from the 12 packed bytes at sc_ptr."""
     lo = j < 4
@@ -99,7 +112,7 @@ def _k_scale_min(sc_ptr, j):
     b_low = _byte(sc_ptr + (j & 3))  # for j >= 4: byte j - 4, which holds the scale's top two bits
     sc = tl.where(lo, b_j & 63, (b_j4 & 15) | ((b_low >> 6) << 4))
     m = tl.where(lo, b_j4 & 63, (b_j4 >> 4) | ((b_j >> 6) << 4))
-    return sc.to(tl.float32), m.to(tl.float32)
+    return _small_int_to_f32(sc), _small_int_to_f32(m)
 
 
 @triton.jit
@@ -142,24 +155,24 @@ def dequant(w_ptr, rows, cols, row_stride, QTYPE: tl.constexpr):
         i = cols % BLOCK  # element within its block
         blk = w_ptr + rows.to(tl.int64) * row_stride + (cols // BLOCK) * SIZE
         if QTYPE == 8:  # Q8_0
-            q = tl.load(blk + 2 + i).to(tl.int8, bitcast=True).to(tl.float32)
+            q = _i8_to_f32(_byte(blk + 2 + i))
             return _f16(blk) * q
         elif QTYPE == 2 or QTYPE == 3:  # Q4_0, Q4_1
             QS: tl.constexpr = 2 if QTYPE == 2 else 4
-            q = ((_byte(blk + QS + (i & 15)) >> ((i >> 4) << 2)) & 15).to(tl.float32)
+            q = (_byte(blk + QS + (i & 15)) >> ((i >> 4) << 2)) & 15
             if QTYPE == 2:
-                return _f16(blk) * (q - 8.0)
+                return _f16(blk) * _small_int_to_f32(q, 8)
             else:
-                return _f16(blk) * q + _f16(blk + 2)
+                return _f16(blk) * _small_int_to_f32(q) + _f16(blk + 2)
         elif QTYPE == 6 or QTYPE == 7:  # Q5_0, Q5_1
             QH: tl.constexpr = 2 if QTYPE == 6 else 4
             lo = (_byte(blk + QH + 4 + (i & 15)) >> ((i >> 4) << 2)) & 15
             hi = (_byte(blk + QH + (i >> 3)) >> (i & 7)) & 1
-            q = (lo | (hi << 4)).to(tl.float32)
+            q = lo | (hi << 4)
             if QTYPE == 6:
-                return _f16(blk) * (q - 16.0)
+                return _f16(blk) * _small_int_to_f32(q, 16)
             else:
-                return _f16(blk) * q + _f16(blk + 2)
+                return _f16(blk) * _small_int_to_f32(q) + _f16(blk + 2)
         elif QTYPE == 12 or QTYPE == 13:  # Q4_K, Q5_K
             QS: tl.constexpr = 16 if QTYPE == 12 else 48
             j = i >> 5  # sub-block of 32
@@ -167,15 +180,15 @@ def dequant(w_ptr, rows, cols, row_stride, QTYPE: tl.constexpr):
             q = (_byte(blk + QS + (i >> 6) * 32 + (i & 31)) >> ((j & 1) << 2)) & 15
             if QTYPE == 13:
                 q = q | (((_byte(blk + 16 + (i & 31)) >> j) & 1) << 4)
-            return _f16(blk) * sc * q.to(tl.float32) - _f16(blk + 2) * m
+            return _f16(blk) * sc * _small_int_to_f32(q) - _f16(blk + 2) * m
         else:  # Q6_K
             h = i >> 7
             g = (i >> 5) & 3
             l = i & 31
             lo = (_byte(blk + h * 64 + l + ((g & 1) << 5)) >> ((g >> 1) << 2)) & 15
             hi = (_byte(blk + 128 + h * 32 + l) >> (g << 1)) & 3
-            sc = tl.load(blk + 192 + (i >> 4)).to(tl.int8, bitcast=True).to(tl.float32)
-            return _f16(blk + 208) * sc * ((lo | (hi << 4)) - 32).to(tl.float32)
+            sc = _i8_to_f32(_byte(blk + 192 + (i >> 4)))
+            return _f16(blk + 208) * sc * _small_int_to_f32(lo | (hi << 4), 32)
 
 
 @triton.jit
@@ -273,7 +286,8 @@ def _decode_blocks(b: torch.Tensor, qtype: QT) -> torch.Tensor:
     if qtype in (QT.Q4_K, QT.Q5_K):
         sc, mn = _k_scales(b[..., 4:16])
         qs = b[..., 16:144] if qtype == QT.Q4_K else b[..., 48:176]
-        q = qs.reshape(*b.shape[:-1], 4, 1, 32) >> torch.tensor([0, 4], dtype=torch.uint8, device=b.device)[:, None]
+        # arange, not torch.tensor([0, 4]): a host-to-device copy is not allowed while a CUDA graph is captured
+        q = qs.reshape(*b.shape[:-1], 4, 1, 32) >> torch.arange(0, 8, 4, dtype=torch.uint8, device=b.device)[:, None]
         q = (q & 15).reshape(*b.shape[:-1], 8, 32)
         if qtype == QT.Q5_K:
             q = q | (_bits(b[..., 16:48], 1, 1) << 4)
@@ -289,7 +303,8 @@ def _decode_blocks(b: torch.Tensor, qtype: QT) -> torch.Tensor:
 
 
 def dequantize(w: DevicePacked | torch.Tensor) -> torch.Tensor:
-    """The plain-torch twin of `dequant`: the whole weight as float32 of its element shape, on its device."""
+    """The plain-torch twin of `dequant`: the whole weight as float32 of its element shape, on its device.
+    Shape-static torch ops only (no host read, no host-to-device copy), so `rows` can sit in a CUDA graph."""
     if not isinstance(w, DevicePacked):
         return w.float()
     qtype = QT(w.qtype)

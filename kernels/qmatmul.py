@@ -26,10 +26,11 @@ F32/F16    32     the stored values
 BF16
 =========  =====  ====================================================================================
 
-Each row's scales are loaded once per piece, so a weight costs about a byte load (shared by two for 4-bit types),
-a shift/mask, a convert and a multiply-add before it reaches `tl.dot`. The pieces of one chunk multiply the
+Each row's scales are loaded once per piece, so a weight costs a share of a vector byte load, a shift/mask, an
+exact int-to-float through the exponent bits (`dequant._small_int_to_f32`: NVIDIA's I2F runs at a quarter of the
+FMA rate), a multiply-add and half a bf16 pack before it reaches `tl.dot`. The pieces of one chunk multiply the
 matching column slices of x, so no decoded tile is ever reshuffled. `dot_packed` is that loop on its own, over row
-pointers of x and row indices of W, so the MoE kernel can call it with gathered tokens and expert rows.
+offsets of x and of W, so the MoE and head kernels can call it with gathered tokens and expert or vocabulary rows.
 
 Precision and blocks
 --------------------
@@ -38,10 +39,13 @@ float32, and y comes out in x's dtype. For float32 x the product's input precisi
 "tf32x3" (the default: float32-grade accuracy from three tf32 products) or "tf32" (fastest, ~1e-3 relative).
 The twin is `ops_cpu.linear(x, dequantize(W).to(x.dtype))`.
 
-Block sizes follow M (rows of x): the step's M is B * 256, prefill's up to 2,048, commit's 256. BLOCK_M = 16 for
-M <= 16 (tl.dot's minimum), 32 up to 32, then 64; BLOCK_N = 64, or 128 from M > 256 where the larger tile halves
-how often each weight is decoded again. Programs are ordered in GROUP_M bands (tutorial 03) so neighbours share W
-in L2. K must be a multiple of the chunk (every GGUF row is a whole number of blocks; float rows a multiple of 32).
+Block sizes follow M (rows of x): the step's M is B * 256, commit's 256, prefill's up to 2,048. BLOCK_N = 64;
+BLOCK_M = 16 for M <= 16 (tl.dot's minimum), 32 up to 32, 64 up to 256 (4 warps: at M = 256 and N = 2,816, 176
+programs for 132 SMs), then 128 (8 warps), which halves how often each weight is decoded again. Every M-tile
+decodes its W tiles anew, so decode work scales with M / BLOCK_M: the trade against filling the SMs is for a GPU
+benchmark to settle (`qmatmul(..., config=...)`). Programs are ordered in GROUP_M bands (tutorial 03) so neighbours
+share W in L2. K must be a multiple of the chunk (every GGUF row is a whole number of blocks; float rows a multiple
+of 32).
 """
 
 from __future__ import annotations
@@ -50,7 +54,8 @@ import torch
 import triton
 import triton.language as tl
 
-from dgrun.kernels.dequant import _byte, _f16, _k_scale_min, _ptr, mma, qtype_id, row_stride
+from dgrun.kernels.dequant import (_byte, _f16, _i8_to_f32, _k_scale_min, _ptr, _small_int_to_f32, mma, qtype_id,
+                                   row_stride)
 from dgrun.packed import DevicePacked
 
 
@@ -71,7 +76,8 @@ def dot_packed(acc, x_ptr, x_rows, x_mask, w_ptr, w_rows, K, QTYPE: tl.constexpr
 
     x_rows: (BLOCK_M, 1) int32 offsets (elements) of x's rows from x_ptr, each K contiguous elements; x_mask
     (BLOCK_M, 1). w_rows: (BLOCK_N, 1) int32 offsets of W's rows from w_ptr (bytes; elements for float W), all
-    in range (clamp the row indices). K is a multiple of the type's chunk. Offsets are int32 because 64-bit
+    in range (clamp the row indices) and whole numbers of blocks (row * row_stride, with expert e of a stack at
+    row e * N + n). K is a multiple of the type's chunk. Offsets are int32 because 64-bit
     pointer tiles, live across the loop, cost registers: every DiffusionGemma tensor is under 2**31 bytes."""
     a16 = tl.arange(0, 16)[None, :]
     a32 = tl.arange(0, 32)[None, :]
@@ -99,7 +105,7 @@ def dot_packed(acc, x_ptr, x_rows, x_mask, w_ptr, w_rows, K, QTYPE: tl.constexpr
             acc = _dot_piece(acc, x_ptr, x_rows, x_mask, k, w, 32, DOT_PRECISION)
         elif QTYPE == 8:  # Q8_0
             base = w_ptr + (k // 32) * 34
-            q = tl.load(base + (w_rows + 2 + a32)).to(tl.int8, bitcast=True).to(tl.float32)
+            q = _i8_to_f32(_byte(base + (w_rows + 2 + a32)))
             acc = _dot_piece(acc, x_ptr, x_rows, x_mask, k, _f16(base + w_rows) * q, 32, DOT_PRECISION)
         elif QTYPE == 2 or QTYPE == 3 or QTYPE == 6 or QTYPE == 7:  # Q4_0, Q4_1, Q5_0, Q5_1
             if QTYPE == 2:
@@ -127,12 +133,12 @@ def dot_packed(acc, x_ptr, x_rows, x_mask, w_ptr, w_rows, K, QTYPE: tl.constexpr
             d = _f16(blk)
             if QTYPE == 2 or QTYPE == 6:
                 ZERO: tl.constexpr = 8 if QTYPE == 2 else 16
-                w_lo = d * (lo - ZERO).to(tl.float32)
-                w_hi = d * (hi - ZERO).to(tl.float32)
+                w_lo = d * _small_int_to_f32(lo, ZERO)
+                w_hi = d * _small_int_to_f32(hi, ZERO)
             else:
                 m = _f16(blk + 2)
-                w_lo = d * lo.to(tl.float32) + m
-                w_hi = d * hi.to(tl.float32) + m
+                w_lo = d * _small_int_to_f32(lo) + m
+                w_hi = d * _small_int_to_f32(hi) + m
             acc = _dot_piece(acc, x_ptr, x_rows, x_mask, k, w_lo, 16, DOT_PRECISION)
             acc = _dot_piece(acc, x_ptr, x_rows, x_mask, k + 16, w_hi, 16, DOT_PRECISION)
         elif QTYPE == 12 or QTYPE == 13:  # Q4_K, Q5_K: a 64-element chunk = sub-blocks 2c and 2c + 1
@@ -152,8 +158,8 @@ def dot_packed(acc, x_ptr, x_rows, x_mask, w_ptr, w_rows, K, QTYPE: tl.constexpr
                 qh = _byte(base + (w_rows + 16 + a32))
                 lo = lo | (((qh >> (2 * c)) & 1) << 4)
                 hi = hi | (((qh >> (2 * c + 1)) & 1) << 4)
-            w_lo = (d * sc0) * lo.to(tl.float32) - dmin * m0
-            w_hi = (d * sc1) * hi.to(tl.float32) - dmin * m1
+            w_lo = (d * sc0) * _small_int_to_f32(lo) - dmin * m0
+            w_hi = (d * sc1) * _small_int_to_f32(hi) - dmin * m1
             acc = _dot_piece(acc, x_ptr, x_rows, x_mask, k, w_lo, 32, DOT_PRECISION)
             acc = _dot_piece(acc, x_ptr, x_rows, x_mask, k + 32, w_hi, 32, DOT_PRECISION)
         else:  # Q6_K: a 128-element half of a super-block, in 4 quarters of 32
@@ -172,9 +178,8 @@ def dot_packed(acc, x_ptr, x_rows, x_mask, w_ptr, w_rows, K, QTYPE: tl.constexpr
                 else:
                     ql = ql1
                 q = ((ql >> (4 * (g // 2))) & 15) | (((qh >> (2 * g)) & 3) << 4)
-                sc = tl.where(first, tl.load(s + 2 * g).to(tl.int8, bitcast=True).to(tl.float32),
-                              tl.load(s + 2 * g + 1).to(tl.int8, bitcast=True).to(tl.float32))
-                w = (d * sc) * (q - 32).to(tl.float32)
+                sc = tl.where(first, _i8_to_f32(_byte(s + 2 * g)), _i8_to_f32(_byte(s + 2 * g + 1)))
+                w = (d * sc) * _small_int_to_f32(q, 32)
                 acc = _dot_piece(acc, x_ptr, x_rows, x_mask, k + 32 * g, w, 32, DOT_PRECISION)
     return acc
 
@@ -224,13 +229,16 @@ CHUNK = {0: 32, 1: 32, 30: 32, 2: 32, 3: 32, 6: 32, 7: 32, 8: 32, 12: 64, 13: 64
 
 
 def qmatmul(x: torch.Tensor, w: DevicePacked | torch.Tensor, *, out: torch.Tensor | None = None,
-            precision: str = "tf32x3") -> torch.Tensor:
+            precision: str = "tf32x3", config: dict | None = None) -> torch.Tensor:
     """x (..., K) @ w.T -> (..., N) in x's dtype, W packed (N, K) or a float tensor (N, K). No host read and
-    no data-dependent allocation: capturable in a CUDA graph. `precision` applies to float32 x only."""
+    no data-dependent allocation: capturable in a CUDA graph. `precision` applies to float32 x only; `config`
+    (BLOCK_M, BLOCK_N, num_warps, num_stages) overrides `blocks(M)`, for a benchmark to sweep tiles on a GPU."""
     n, k = w.shape[-2], w.shape[-1]
     if len(w.shape) != 2 or x.shape[-1] != k:
         raise ValueError(f"qmatmul: x {tuple(x.shape)} by W {tuple(w.shape)}")
     qtype = qtype_id(w)
+    if _ptr(w).numel() >= 2**31 or x.numel() >= 2**31:
+        raise ValueError("qmatmul: offsets are int32; split tensors of 2**31 elements or more")
     if k % CHUNK[qtype]:
         raise ValueError(f"qmatmul: K = {k} is not a multiple of {CHUNK[qtype]}")
     x2 = x.reshape(-1, k)
@@ -239,7 +247,7 @@ def qmatmul(x: torch.Tensor, w: DevicePacked | torch.Tensor, *, out: torch.Tenso
     m = x2.shape[0]
     y = out if out is not None else torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
     y2 = y.view(m, n)
-    cfg = blocks(m)
+    cfg = {**blocks(m), **(config or {})}
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
     qmatmul_kernel[grid](x2, _ptr(w), y2, m, n, k, x2.stride(0), y2.stride(0), row_stride(w),
                          QTYPE=qtype, GROUP_M=8, DOT_PRECISION=precision if x.dtype == torch.float32 else "ieee",
@@ -268,10 +276,12 @@ def _entry(qtype: int, x: str, m: int, precision: str = "ieee", aligned_rows: bo
 
 
 def AOT():
-    """bf16 activations at the step's M (256) for every type, with W's row alignment as DiffusionGemma's shapes
-    give it; the large-M tile (prefill) and float32 x for the types published files use most."""
+    """bf16 activations (the cuda backend's dtype) at the step's M (256) for every type, with W's row alignment
+    as DiffusionGemma's shapes give it; the large-M tile (prefill), the small ones (short prompts) and float32 x
+    for the types published files use most."""
     out = [_entry(q, "*bf16", 256) for q in (8, 2, 3, 6, 7, 12, 13, 30, 1, 0)]
     out += [_entry(q, "*bf16", 256, aligned_rows=False) for q in (8, 6, 14)]
     out += [_entry(12, "*bf16", 2048), _entry(14, "*bf16", 2048, aligned_rows=False)]
+    out += [_entry(12, "*bf16", 16), _entry(8, "*bf16", 32, aligned_rows=False)]  # short prompts
     out += [_entry(q, "*fp32", 256, "tf32x3") for q in (12, 8)]
     return out

@@ -59,3 +59,9 @@ def test_bad_shapes_are_refused():
         qmatmul(torch.randn(2, K + 32), w)
     with pytest.raises(ValueError):
         qmatmul(torch.randn(2, 48), weight((N, 48), QT.F32))  # float rows step by 32
+
+
+def test_a_config_override_gives_the_same_product():
+    w = weight((N, K), QT.Q5_K, seed=7)
+    x = torch.randn(24, K, generator=torch.Generator().manual_seed(3))
+    _close(qmatmul(x, w, config=dict(BLOCK_M=16, BLOCK_N=32)), ops_cpu.linear(x, dq.dequantize(w)), 1e-5)
