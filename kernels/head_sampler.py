@@ -49,8 +49,9 @@ draw reads 4 KB a position.
 Float rounding: the softcap's tanh (libdevice's on the GPU) and the temperature division (`div_rn`: Triton's
 float32 `/` is the approximate div.full, the reference divides exactly) match torch to an ulp or two; sums are
 taken in another order than torch's. Under `TRITON_INTERPRET=1` libdevice does not exist: tanh comes from exp
-(and its Taylor series near 0), the division is numpy's. bf16 roundings go through `round_bf16`, integer
-maths, because the interpreter's float32 -> bf16 cast truncates where the GPU's rounds to nearest even.
+(and its Taylor series near 0), the division is numpy's, and bf16 roundings (`to_bf16`) go through
+`round_bf16`, integer maths, because the interpreter's float32 -> bf16 cast truncates where the GPU's rounds
+to nearest even.
 """
 
 from __future__ import annotations
@@ -104,6 +105,16 @@ def round_bf16(x):
 
 
 @triton.jit
+def to_bf16(x):
+    """float32 -> bfloat16 rounded to nearest even: the GPU's own cast (one cvt.rn); under the interpreter, whose
+    cast truncates, through round_bf16."""
+    if INTERPRETING:
+        return round_bf16(x).to(tl.bfloat16)
+    else:
+        return x.to(tl.bfloat16)
+
+
+@triton.jit
 def partials_kernel(logits_ptr, processed_ptr, temp_ptr, stats_ptr, index_ptr,
                     V, C, n_splits, stride_l, stride_p, cap,
                     SPLIT: tl.constexpr, SOFTCAP: tl.constexpr, BF16: tl.constexpr):
@@ -128,7 +139,8 @@ def partials_kernel(logits_ptr, processed_ptr, temp_ptr, stats_ptr, index_ptr,
     tl.store(out + 1, tl.sum(e, 0))
     tl.store(out + 2, tl.sum(e * d, 0))
     if BF16:
-        tl.store(out + 3, tl.sum(tl.exp(round_bf16(l) - round_bf16(m)), 0))
+        rounded = to_bf16(l).to(tl.float32) - to_bf16(m).to(tl.float32)
+        tl.store(out + 3, tl.sum(tl.exp(rounded), 0))
     tl.store(index_ptr + row * n_splits + split, split * SPLIT + a)
 
 

@@ -25,7 +25,8 @@ Precision, matched to the reference (`ops_cpu.head_and_sample`):
   those rounded logits (`Reduced.soft_max`, `soft_total`: the partials keep a bf16 sum for this), p rounded to
   bf16; the decoded weights are rounded to bf16 (as `dequantize(embed).to(bfloat16)` would); fp32 accumulation;
   the sum rounded to bf16, then times scale in bf16, as the reference's two bf16 ops. The bf16 roundings use
-  `head_sampler.round_bf16` (integer maths: the interpreter's cast truncates). p differs from torch's softmax
+  `head_sampler.to_bf16` (the GPU's round-to-nearest-even cast; integer maths under the interpreter, whose
+  cast truncates). p differs from torch's softmax
   by an ulp or so of float32 before its bf16 rounding (torch's exp and reciprocal differ), so a rare p lands on
   the other side of a bf16 rounding boundary; the result agrees to bf16 resolution, not bit for bit.
 
@@ -40,6 +41,12 @@ model (a test mode: its ieee dot runs on CUDA cores) takes 64 x 64 at 4 warps; f
 models, tests) 32 x 128 at 8 warps. BLOCK_K = 32 throughout. SPLIT_K fills about two waves of the device's SMs:
 6 slices at batch 1 on an H100 (44 N tiles). All programs stream the vocabulary in the same order, so the
 processed-logit tiles a neighbouring N tile just read are still in L2.
+
+The price of never writing the probabilities: every N tile recomputes its rows' exp(l - M) (44 times per
+(position, token) at H = 2816), as every M tile re-decodes the embedding, so the ALU work goes as
+R * V * H * (c_exp / BLOCK_N + c_decode / BLOCK_M), with c_exp and c_decode a few tens of instructions each.
+No GPU measured it; if it shows, the knob is a wider BLOCK_N (more registers), or writing bf16 probabilities
+once from the partials pass.
 """
 
 from __future__ import annotations
@@ -49,7 +56,7 @@ import triton
 import triton.language as tl
 
 from dgrun.kernels.dequant import PACKED_TYPES, _ptr, dequant, mma, qtype_id, row_stride
-from dgrun.kernels.head_sampler import round_bf16
+from dgrun.kernels.head_sampler import to_bf16
 
 
 @triton.jit
@@ -76,8 +83,8 @@ def soft_kernel(p_ptr, max_ptr, total_ptr, w_ptr, out_ptr,
         l = tl.load(p_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=-float("inf"))
         w = dequant(w_ptr, tl.minimum(offs_k, V - 1)[:, None], cols, w_stride, QTYPE)
         if BF16:
-            p = round_bf16(tl.exp(round_bf16(l) - row_max[:, None]) * inv_total[:, None])
-            acc = mma(p.to(tl.bfloat16), round_bf16(w).to(tl.bfloat16), acc)  # exact casts: already rounded
+            p = tl.exp(to_bf16(l).to(tl.float32) - row_max[:, None]) * inv_total[:, None]
+            acc = mma(to_bf16(p), to_bf16(w), acc)
         else:
             p = tl.exp(l - row_max[:, None]) * inv_total[:, None]  # 0 outside the slice: exp(-inf)
             acc = mma(p, w, acc, "ieee")
