@@ -49,9 +49,9 @@ draw reads 4 KB a position.
 Float rounding: the softcap's tanh (libdevice's on the GPU) and the temperature division (`div_rn`: Triton's
 float32 `/` is the approximate div.full, the reference divides exactly) match torch to an ulp or two; sums are
 taken in another order than torch's. Under `TRITON_INTERPRET=1` libdevice does not exist: tanh comes from exp
-(and its Taylor series near 0), the division is numpy's, and bf16 roundings (`to_bf16`) go through
-`round_bf16`, integer maths, because the interpreter's float32 -> bf16 cast truncates where the GPU's rounds
-to nearest even.
+(and its Taylor series near 0), the division is numpy's, and bf16 roundings (`self_cond.to_bf16`) go through
+integer maths, because the interpreter's float32 -> bf16 cast truncates where the GPU's rounds to nearest
+even.
 """
 
 from __future__ import annotations
@@ -64,7 +64,10 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from dgrun.backends.torch import rng, sampler
+from dgrun.kernels import self_cond
 from dgrun.kernels.dequant import INTERPRETING
+from dgrun.kernels.qmatmul import qmatmul
+from dgrun.kernels.self_cond import to_bf16
 
 SPLIT = 1024  # vocabulary split width (see the module docstring)
 
@@ -93,25 +96,6 @@ def _tanh(x):
         return tl.where(x < 0, -t, t)
     else:
         return libdevice.tanh(x)
-
-
-@triton.jit
-def round_bf16(x):
-    """float32 x rounded to the nearest bfloat16 (ties to even), as float32. Integer maths, so the interpreter
-    (whose float32 -> bf16 cast truncates) and the GPU (whose cast rounds) agree with torch's `.to(bfloat16)`."""
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def to_bf16(x):
-    """float32 -> bfloat16 rounded to nearest even: the GPU's own cast (one cvt.rn); under the interpreter, whose
-    cast truncates, through round_bf16."""
-    if INTERPRETING:
-        return round_bf16(x).to(tl.bfloat16)
-    else:
-        return x.to(tl.bfloat16)
 
 
 @triton.jit
@@ -228,8 +212,6 @@ def draw(processed: torch.Tensor, red: Reduced, u: torch.Tensor, split: int = SP
 
 def logits_of(x: torch.Tensor, embed) -> torch.Tensor:
     """(R, H) @ embed.T -> (R, V) in x's dtype, the embedding decoded in registers."""
-    from dgrun.kernels.qmatmul import qmatmul
-
     return qmatmul(x, embed, precision="ieee")  # float32 models are the parity mode: exact products
 
 
@@ -246,8 +228,6 @@ def sample_logits(logits: torch.Tensor, embed, cap: float | None, state: sampler
                   dtype: torch.dtype, split: int = SPLIT) -> sampler.State:
     """The head after its matmul: logits (B*C, V) in the model's `dtype` (float32 ones are overwritten by the
     processed logits) -> the next state, its soft embedding included."""
-    from dgrun.kernels import self_cond
-
     if dtype not in (torch.float32, torch.bfloat16):
         raise TypeError(f"the head runs float32 or bfloat16 models, not {dtype}")
     b, c = state.canvas.shape

@@ -25,7 +25,7 @@ Precision, matched to the reference (`ops_cpu.head_and_sample`):
   those rounded logits (`Reduced.soft_max`, `soft_total`: the partials keep a bf16 sum for this), p rounded to
   bf16; the decoded weights are rounded to bf16 (as `dequantize(embed).to(bfloat16)` would); fp32 accumulation;
   the sum rounded to bf16, then times scale in bf16, as the reference's two bf16 ops. The bf16 roundings use
-  `head_sampler.to_bf16` (the GPU's round-to-nearest-even cast; integer maths under the interpreter, whose
+  `to_bf16` (the GPU's round-to-nearest-even cast; integer maths under the interpreter, whose
   cast truncates). p differs from torch's softmax
   by an ulp or so of float32 before its bf16 rounding (torch's exp and reciprocal differ), so a rare p lands on
   the other side of a bf16 rounding boundary; the result agrees to bf16 resolution, not bit for bit.
@@ -55,8 +55,26 @@ import torch
 import triton
 import triton.language as tl
 
-from dgrun.kernels.dequant import PACKED_TYPES, _ptr, dequant, mma, qtype_id, row_stride
-from dgrun.kernels.head_sampler import to_bf16
+from dgrun.kernels.dequant import INTERPRETING, PACKED_TYPES, _ptr, dequant, mma, qtype_id, row_stride
+
+
+@triton.jit
+def round_bf16(x):
+    """float32 x rounded to the nearest bfloat16 (ties to even), as float32. Integer maths, so the interpreter
+    (whose float32 -> bf16 cast truncates) and the GPU (whose cast rounds) agree with torch's `.to(bfloat16)`."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def to_bf16(x):
+    """float32 -> bfloat16 rounded to nearest even: the GPU's own cast (one cvt.rn); under the interpreter, whose
+    cast truncates, through round_bf16."""
+    if INTERPRETING:
+        return round_bf16(x).to(tl.bfloat16)
+    else:
+        return x.to(tl.bfloat16)
 
 
 @triton.jit
