@@ -33,7 +33,8 @@ rows, or a gathered set of rows for an embedding lookup. Neighbouring elements s
 hit L1, so DRAM still sees each byte of the packed weight once per tile.
 
 Indices must be in range (the function takes no mask, to stay one formula): a caller with a ragged edge clamps
-its indices (`tl.minimum(cols, K - 1)`) and zeroes what it does not want with `tl.where`.
+its indices (`tl.minimum(cols, K - 1)`) and zeroes what it does not want with `tl.where`. Packed data must start at
+an even address (`check_aligned`): the float16 scales are then read as float16, one load each.
 
 Host side: `dequantize(w)` (the whole matrix, float32), `rows(w, ids)` (selected rows, e.g. the embedding),
 `qtype_id(w)` (the QTYPE constexpr) and `row_stride(w)`, all plain torch on the weight's own device.
@@ -85,9 +86,16 @@ def _byte(ptr):
 
 @triton.jit
 def _f16(ptr):
-    """The float16 at `ptr` (little-endian, any alignment) as float32."""
-    bits = _byte(ptr) | (_byte(ptr + 1) << 8)
-    return bits.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    """The float16 at byte pointer `ptr` as float32. Every GGUF scale sits at an even offset of an even-sized
+    block, so with an even base address (launchers check it) it is one 2-byte load."""
+    return tl.load(ptr.to(tl.pointer_type(tl.float16))).to(tl.float32)
+
+
+@triton.jit
+def _i8_pair(ptr):
+    """The two int8 at an even byte pointer, as float32 (one 2-byte load): (ptr[0], ptr[1])."""
+    v = tl.load(ptr.to(tl.pointer_type(tl.int16))).to(tl.int32)
+    return _i8_to_f32(v & 255), _i8_to_f32((v >> 8) & 255)
 
 
 @triton.jit
@@ -207,6 +215,7 @@ def dequantize_triton(w: DevicePacked | torch.Tensor, block_n: int = 32, block_k
     """`dequantize` through the Triton kernel: float32 of w's shape."""
     shape = tuple(w.shape)
     n, k = math.prod(shape[:-1]), shape[-1]
+    check_aligned(w, "dequantize_triton")
     out = torch.empty(shape, dtype=torch.float32, device=_device(w))
     grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
     dequant_kernel[grid](_ptr(w), out, n, k, row_stride(w), QTYPE=qtype_id(w), BLOCK_N=block_n, BLOCK_K=block_k)
@@ -236,6 +245,13 @@ def row_stride(w: DevicePacked | torch.Tensor) -> int:
     if isinstance(w, DevicePacked):
         return int(w.data.stride(-2)) if w.data.dim() > 1 else int(w.data.shape[-1])
     return int(w.stride(-2)) if w.dim() > 1 else int(w.shape[-1])
+
+
+def check_aligned(w: DevicePacked | torch.Tensor, what: str) -> None:
+    """Refuse packed bytes at an odd address (a launcher's host-side check; no device read). Uploads, file maps
+    (GGUF aligns tensor data to 32) and whole rows or experts of either are even."""
+    if isinstance(w, DevicePacked) and w.data.data_ptr() % 2:
+        raise ValueError(f"{what}: packed weight bytes start at an odd address")
 
 
 def _ptr(w: DevicePacked | torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,8 @@ Q4_0/Q4_1  32     the 16 low nibbles, then the 16 high nibbles (two pieces of 16
 Q5_0/Q5_1  32     as Q4_x, the 5th bit taken from the block's 32-bit qh word
 Q4_K/Q5_K  64     32 bytes: low nibbles = sub-block 2c, high nibbles = sub-block 2c + 1 (two pieces of 32)
 Q6_K       128    4 quarters of 32 (ql low/high nibbles of two 32-byte runs, 2 bits each from qh);
-                  the scale changes every 16, picked per element with one select
+                  the scale changes every 16, picked per element with one select (a 64-element step
+                  needs fewer registers but costs ~1.7x the ALU work per weight by a static count)
 F32/F16    32     the stored values
 BF16
 =========  =====  ====================================================================================
@@ -54,8 +55,8 @@ import torch
 import triton
 import triton.language as tl
 
-from dgrun.kernels.dequant import (_byte, _f16, _i8_to_f32, _k_scale_min, _ptr, _small_int_to_f32, mma, qtype_id,
-                                   row_stride)
+from dgrun.kernels.dequant import (_byte, _f16, _i8_pair, _i8_to_f32, _k_scale_min, _ptr, _small_int_to_f32,
+                                   check_aligned, mma, qtype_id, row_stride)
 from dgrun.packed import DevicePacked
 
 
@@ -162,7 +163,7 @@ def dot_packed(acc, x_ptr, x_rows, x_mask, w_ptr, w_rows, K, QTYPE: tl.constexpr
             w_hi = (d * sc1) * _small_int_to_f32(hi) - dmin * m1
             acc = _dot_piece(acc, x_ptr, x_rows, x_mask, k, w_lo, 32, DOT_PRECISION)
             acc = _dot_piece(acc, x_ptr, x_rows, x_mask, k + 32, w_hi, 32, DOT_PRECISION)
-        else:  # Q6_K: a 128-element half of a super-block, in 4 quarters of 32
+        else:  # Q6_K: a 128-element half h of a super-block, in 4 quarters g of 32
             base = w_ptr + (k // 256) * 210
             blk = base + w_rows
             h = (k % 256) // 128
@@ -178,8 +179,8 @@ def dot_packed(acc, x_ptr, x_rows, x_mask, w_ptr, w_rows, K, QTYPE: tl.constexpr
                 else:
                     ql = ql1
                 q = ((ql >> (4 * (g // 2))) & 15) | (((qh >> (2 * g)) & 3) << 4)
-                sc = tl.where(first, _i8_to_f32(_byte(s + 2 * g)), _i8_to_f32(_byte(s + 2 * g + 1)))
-                w = (d * sc) * _small_int_to_f32(q, 32)
+                s0, s1 = _i8_pair(s + 2 * g)
+                w = (d * tl.where(first, s0, s1)) * _small_int_to_f32(q, 32)
                 acc = _dot_piece(acc, x_ptr, x_rows, x_mask, k + 32 * g, w, 32, DOT_PRECISION)
     return acc
 
@@ -196,8 +197,8 @@ def qmatmul_kernel(x_ptr, w_ptr, y_ptr,  # pointers
                    DOT_PRECISION: tl.constexpr):
     """y (M, N) = x (M, K) @ W (N, K).T, one (BLOCK_M, BLOCK_N) tile per program."""
     pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
+    num_m = (M + BLOCK_M - 1) // BLOCK_M  # not tl.cdiv: a library @jit, which the interpreter cannot call if
+    num_n = (N + BLOCK_N - 1) // BLOCK_N  # triton was imported before TRITON_INTERPRET was set
     group = pid // (GROUP_M * num_n)
     first_m = group * GROUP_M
     group_m = min(num_m - first_m, GROUP_M)
@@ -206,7 +207,7 @@ def qmatmul_kernel(x_ptr, w_ptr, y_ptr,  # pointers
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)  # tl.zeros, like tl.cdiv, is a library @jit (see above)
     acc = dot_packed(acc, x_ptr, offs_m[:, None] * stride_xm, offs_m[:, None] < M,
                      w_ptr, tl.minimum(offs_n, N - 1)[:, None] * row_stride, K, QTYPE, DOT_PRECISION)
 
@@ -237,6 +238,7 @@ def qmatmul(x: torch.Tensor, w: DevicePacked | torch.Tensor, *, out: torch.Tenso
     if len(w.shape) != 2 or x.shape[-1] != k:
         raise ValueError(f"qmatmul: x {tuple(x.shape)} by W {tuple(w.shape)}")
     qtype = qtype_id(w)
+    check_aligned(w, "qmatmul")
     if _ptr(w).numel() >= 2**31 or x.numel() >= 2**31:
         raise ValueError("qmatmul: offsets are int32; split tensors of 2**31 elements or more")
     if k % CHUNK[qtype]:

@@ -3,14 +3,20 @@
 other kernel tests run Triton's interpreter, which cannot compile. Fails on any compile error; prints registers,
 spills and shared memory per configuration (run pytest with -s to see the table)."""
 
-import json
 import os
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
 
-import pytest
+# Triton reads TRITON_INTERPRET when a @jit function is defined, its own library's included: this module imports
+# triton first in a full run, so it sets the knob for the interpreter tests that share the process (the compile
+# below runs in a subprocess without it).
+os.environ["TRITON_INTERPRET"] = "1"
+
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 

@@ -17,7 +17,7 @@ from dgrun.kernels.qmatmul import blocks, qmatmul  # noqa: E402
 from kernel_weights import ALL, weight  # noqa: E402
 from gguf import GGMLQuantizationType as QT  # noqa: E402
 
-N, K = 80, 512  # N: a ragged last tile of 16; K: 2 super-blocks, 4 Q6_K chunks, 16 Q8_0 blocks
+N, K = 80, 512  # N: a ragged last tile of 16; K: 2 super-blocks (8 K-quant steps), 16 Q8_0 blocks
 
 
 def _close(y, ref, rtol):
@@ -65,3 +65,13 @@ def test_a_config_override_gives_the_same_product():
     w = weight((N, K), QT.Q5_K, seed=7)
     x = torch.randn(24, K, generator=torch.Generator().manual_seed(3))
     _close(qmatmul(x, w, config=dict(BLOCK_M=16, BLOCK_N=32)), ops_cpu.linear(x, dq.dequantize(w)), 1e-5)
+
+
+def test_packed_bytes_at_an_odd_address_are_refused():
+    """The decoders read float16 scales as float16: the bytes must start at an even address."""
+    w = weight((N, K), QT.Q4_K)
+    buf = torch.zeros(w.data.numel() + 1, dtype=torch.uint8)
+    buf[1:] = w.data.reshape(-1)
+    odd = dq.DevicePacked(buf[1:].view(w.data.shape), w.qtype, w.shape)
+    with pytest.raises(ValueError, match="odd address"):
+        qmatmul(torch.randn(2, K), odd)
