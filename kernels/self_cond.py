@@ -35,7 +35,7 @@ is (M tiles, N tiles, SPLIT_K): each program sums its slice of the vocabulary in
 (SPLIT_K, R, H), summed in torch (deterministic, no atomics). The element-wise decode costs tens of integer
 instructions per weight, more than streaming the weight's bytes, and each M tile decodes the whole embedding
 once, so for a bf16 model BLOCK_M covers every position of a batch row: 256 rows x BLOCK_N = 64 at 8 warps
-(171-183 registers and no spills on sm_90 for every type; Q8_0 spills 8-32 bytes on sm_80/86/89/120; 96 KB
+(171-183 registers and no spills on sm_90 for every type; Q8_0 spills 32 bytes on sm_120 only; 96 KB
 of shared memory for the pipelined tiles, within sm_86/89/120's 99 KB), 128 rows for 128 <= R < 256. A float32
 model (a test mode: its ieee dot runs on CUDA cores) takes 64 x 64 at 4 warps; fewer than 128 positions (tiny
 models, tests) 32 x 128 at 8 warps. BLOCK_K = 32 throughout. SPLIT_K fills about two waves of the device's SMs:
