@@ -140,6 +140,15 @@ def sample(state: State, logits: torch.Tensor) -> tuple[State, torch.Tensor, tor
     sampled = draw(probs.view(-1, vocab), u.view(-1)).view(b, c)
     argmax = processed.argmax(-1)
     entropy = token_entropy(processed, probs)
+    return settle(state, sampled, argmax, entropy, vocab), processed, probs
+
+
+def settle(state: State, sampled: torch.Tensor, argmax: torch.Tensor, entropy: torch.Tensor, vocab: int) -> State:
+    """The per-position rest of a step, from the draws, argmaxes and entropies (B, C): pins, entropy-bound
+    acceptance, renoise, history, stable-and-confident stop (the next state without its soft embedding).
+    Shared by `sample` and the CUDA head (kernels/head_sampler.py), which reduces the vocabulary in kernels."""
+    b, c = sampled.shape
+    step = state.step + 1
     fixed = state.fixed
     if fixed is not None:
         pinned = fixed >= 0
@@ -151,17 +160,16 @@ def sample(state: State, logits: torch.Tensor) -> tuple[State, torch.Tensor, tor
 
     history, depth = state.history, state.history.shape[0]
     if depth == 0:
-        stable = torch.ones(b, dtype=torch.bool, device=logits.device)
+        stable = torch.ones(b, dtype=torch.bool, device=argmax.device)
     else:
         same = (history == argmax[None]).all(-1)  # (S, B)
-        counted = torch.arange(depth, device=logits.device)[:, None] >= (depth - state.stability)[None, :]
+        counted = torch.arange(depth, device=argmax.device)[:, None] >= (depth - state.stability)[None, :]
         stable = (same | ~counted).all(0)
         history = torch.cat([history[1:], argmax[None]], dim=0)
     if fixed is None:
         confident = entropy.mean(-1) < state.confidence
     else:
         confident = entropy.sum(-1) / (~pinned).sum(-1).clamp(min=1) < state.confidence
-    nxt = State(state.slot, state.offset, state.seed, state.block, step, state.steps, state.t_min, state.t_span,
-                state.bound, state.confidence, state.stability, canvas, argmax, fixed, history, state.soft,
-                stable & confident)
-    return nxt, processed, probs
+    return State(state.slot, state.offset, state.seed, state.block, step, state.steps, state.t_min, state.t_span,
+                 state.bound, state.confidence, state.stability, canvas, argmax, fixed, history, state.soft,
+                 stable & confident)
