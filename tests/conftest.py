@@ -11,6 +11,12 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# `python -m dgrun.bench --gpu-check` runs the kernel tests natively: TRITON_INTERPRET=0 and
+# DGRUN_KERNEL_DEVICE=cuda make new tensors (and tests/kernel_weights.py's packed weights) CUDA tensors.
+KERNEL_DEVICE = os.environ.get("DGRUN_KERNEL_DEVICE", "cpu")
+if KERNEL_DEVICE != "cpu":
+    torch.set_default_device(KERNEL_DEVICE)
+
 sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny import SHAPE_A, SHAPE_B, make_checkpoint, make_tokenizer  # noqa: E402

@@ -6,7 +6,7 @@ dequantized reference, float32 logits within 1e-4."""
 
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: @triton.jit reads it when a kernel is defined
+os.environ["TRITON_INTERPRET"] = "1"  # (conftest sets it too) @triton.jit reads it when a kernel is defined
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -8,7 +8,7 @@ import os
 # Triton reads TRITON_INTERPRET when a @jit function is defined, its own library's included: this module imports
 # triton first in a full run, so it sets the knob for the interpreter tests that share the process (the compile
 # below runs in a subprocess without it).
-os.environ["TRITON_INTERPRET"] = "1"
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import json  # noqa: E402
 import subprocess  # noqa: E402

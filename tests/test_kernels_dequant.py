@@ -3,7 +3,7 @@
 
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # read when a kernel is decorated: before dgrun.kernels is imported
+os.environ.setdefault("TRITON_INTERPRET", "1")  # read when a kernel is decorated: before dgrun.kernels is imported
 
 import gguf.quants  # noqa: E402
 import numpy as np  # noqa: E402

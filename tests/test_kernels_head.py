@@ -14,7 +14,7 @@ it is not a kernel failure.
 
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # read when a kernel is decorated: before dgrun.kernels is imported
+os.environ.setdefault("TRITON_INTERPRET", "1")  # read when a kernel is decorated: before dgrun.kernels is imported
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -3,7 +3,7 @@ stacks of every weight type against ops_cpu.moe (the exact reference) on the deq
 
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # read when a kernel is decorated: before dgrun.kernels is imported
+os.environ.setdefault("TRITON_INTERPRET", "1")  # read when a kernel is decorated: before dgrun.kernels is imported
 
 from types import SimpleNamespace  # noqa: E402
 

@@ -4,7 +4,7 @@ weight type and each block configuration M selects."""
 
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # read when a kernel is decorated: before dgrun.kernels is imported
+os.environ.setdefault("TRITON_INTERPRET", "1")  # read when a kernel is decorated: before dgrun.kernels is imported
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
